@@ -1,0 +1,336 @@
+"""One typed config tree: dataclass defaults < YAML file < dotted CLI overrides (``model.dim=64``).
+
+``load_config`` rejects unknown keys (suggesting the closest valid one) and wrong types, naming the
+key; ``validate`` holds every cross-field check, so a bad config stops before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key and the value."""
+
+
+@dataclass
+class ModelConfig:
+    size: str = ""  # a named size from model/sizes.py; its values are defaults for the keys below
+    arch: str = "mot"  # "mot" (per-modality weights) | "dense" | "moe" (MoE-4x feed-forward)
+    n_modalities: int = 2  # text, image (, speech ...): MoT has one weight group per modality
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_dim: int = 0  # 0: Llama's SwiGLU width, 8/3 * dim rounded up to 64
+    norm_placement: str = "post"  # "post" as in MoT Algorithm 1 | "pre"
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary (with the BOI/EOI/pad specials)
+    latent_channels: int = 4
+    latent_size: int = 16  # latent height = width; must equal data.resolution / codec downsampling
+    patch_size: int = 2
+    moe_experts: int = 4  # used when arch == "moe"
+    moe_routing: str = "expert_choice"  # "expert_choice" (MoT paper) | "token_choice" (top-1 + aux loss)
+    moe_capacity: float = 1.0
+    moe_aux_weight: float = 0.01
+    init_std: float = 0.02
+    attention: str = "auto"  # "auto" (flex on CUDA, SDPA elsewhere) | "sdpa" | "flex"
+
+
+@dataclass
+class FlowConfig:
+    loss_weight: float = 5.0  # lambda in L = L_LM + lambda * L_flow (Transfusion)
+    t_sampling: str = "uniform"  # "uniform" | "logit_normal" (SD3)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0  # SD3 resolution shift: t' = s t / (1 + (s - 1) t)
+    caption_t_max: float = 0.5  # t cap for images that condition text (captioning direction)
+
+
+@dataclass
+class CodecConfig:
+    kind: str = "trained"  # "trained" (our small AutoencoderKL) | "diffusers" | "taef2"
+    path: str = ""  # diffusers: hub id or folder; trained: folder ("" = train one into the cache)
+    encoder_path: str = ""  # taef2
+    decoder_path: str = ""  # taef2
+    scaling_factor: float | None = None  # None: from the VAE's config / measured at training
+    shift_factor: float | None = None
+    cache_dir: str = "~/.cache/transfusion_mot"  # trained VAEs and cached latents
+    vae_steps: int = 600  # training budget of the small VAE
+    vae_latent_channels: int = 4
+    vae_channels: tuple = (32, 64, 64)
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # "shapes" | "imagefolder" | "coco" | "webdataset" | "hf"
+    path: str = ""  # folder / shard pattern / dataset path (unused for shapes)
+    captions: str = ""  # coco json or captions file, where the source needs one
+    image_column: str = "image"  # hf datasets
+    text_column: str = "text"
+    resolution: int = 64
+    crop: str = "center"  # "center" | "random"
+    tokenizer: str = "bytes"  # "bytes" | a local tokenizer folder / .model file | a hub id
+    seq_len: int = 256
+    batch_size: int = 8  # rows per micro-batch per process
+    max_caption_tokens: int = 96
+    caption_first: float = 0.8  # share of caption->image examples (the rest image->caption)
+    caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
+    shapes_train_size: int = 50000
+    shapes_val_size: int = 512
+    num_workers: int = 0
+    cache_latents: bool = True
+    val_path: str = ""  # held-out data for validation loss ("" = the source's val split)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # matrices only
+    warmup_steps: int = 4000
+    final_lr: float = 1.5e-5  # cosine decays to this
+    clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    grad_accum: int = 1
+    seed: int = 0
+    out_dir: str = "runs/default"
+    ema_decay: float = 0.999  # 0 disables EMA
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    sample_every: int = 0
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str = ""  # "" | "auto" | a checkpoint folder
+    mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "no" | "bf16"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    upcycle_from: str = ""  # a dense run dir whose weights initialise every MoT group
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 250  # Euler steps from t=1 to t=0 (MoT paper)
+    scheduler: str = "euler"  # "euler" | a diffusers flow-matching scheduler name
+    cfg_scale: float = 4.0
+    seed: int = 0
+    n_per_prompt: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+
+
+@dataclass
+class EvalConfig:
+    n_prompts: int = 64  # held-out prompts for the sample grid and prompt-following
+    val_examples: int = 256
+    val_t_grid: int = 8  # evenly spaced t values of the diffusion validation loss
+    val_seed: int = 1234
+    sample_steps: int = 0  # 0: sample.steps
+    batch_size: int = 16
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the field type ``tp``; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if tp in (int, float, str, bool, tuple) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(node: Any, updates: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(type(node))
+    names = [f.name for f in fields(node)]
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        current = getattr(node, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a mapping of its keys, got {value!r}")
+            _merge(current, value, f"{full}.")
+        else:
+            setattr(node, key, _coerce(value, hints[key], full))
+    return node
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """["model.dim=64", "train.compile=true"] -> nested dict (values parsed as YAML scalars)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.dim=64)")
+        key, raw = item.split("=", 1)
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    return tree
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, check: bool = True) -> Config:
+    """Defaults < YAML < overrides; a named ``model.size`` supplies model defaults under both."""
+    from .model.sizes import SIZES
+
+    tree: dict = {}
+    if path:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    _deep_update(tree, parse_overrides(overrides or []))
+    model = tree.get("model") or {}
+    size = model.get("size", "") if isinstance(model, dict) else ""
+    if size:
+        if size not in SIZES:
+            close = difflib.get_close_matches(str(size), list(SIZES), n=1)
+            raise ConfigError(f"model.size={size!r} is not a named size ({', '.join(SIZES)})"
+                              + (f"; did you mean {close[0]!r}?" if close else ""))
+        tree["model"] = {**SIZES[size], **model}
+    cfg = _merge(Config(), tree, "")
+    if check:
+        validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a saved (resolved) config, e.g. from a run directory."""
+    return _merge(Config(), tree, "")
+
+
+def _choice(key: str, value: str, options: tuple) -> None:
+    if value not in options:
+        close = difflib.get_close_matches(value, options, n=1)
+        raise ConfigError(f"{key}={value!r} is not one of {options}" + (f"; did you mean {close[0]!r}?" if close else ""))
+
+
+def validate(cfg: Config) -> Config:
+    """Every cross-field check, in one place. Raises ConfigError naming the keys and values."""
+    m, d, f, o, t, s = cfg.model, cfg.data, cfg.flow, cfg.optim, cfg.train, cfg.sample
+    _choice("model.arch", m.arch, ("mot", "dense", "moe"))
+    _choice("model.norm_placement", m.norm_placement, ("post", "pre"))
+    _choice("model.moe_routing", m.moe_routing, ("expert_choice", "token_choice"))
+    _choice("model.attention", m.attention, ("auto", "sdpa", "flex"))
+    _choice("flow.t_sampling", f.t_sampling, ("uniform", "logit_normal"))
+    _choice("codec.kind", cfg.codec.kind, ("trained", "diffusers", "taef2"))
+    _choice("data.source", d.source, ("shapes", "imagefolder", "coco", "webdataset", "hf"))
+    _choice("data.crop", d.crop, ("center", "random"))
+    _choice("train.mixed_precision", t.mixed_precision, ("auto", "no", "bf16"))
+    positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+                "model.latent_channels": m.latent_channels, "model.latent_size": m.latent_size,
+                "data.seq_len": d.seq_len, "data.batch_size": d.batch_size, "data.resolution": d.resolution,
+                "train.steps": t.steps, "train.grad_accum": t.grad_accum, "sample.steps": s.steps}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even (rotary embedding)")
+    if m.patch_size not in (1, 2, 4):
+        raise ConfigError(f"model.patch_size={m.patch_size} must be 1, 2 or 4")
+    if m.latent_size % m.patch_size:
+        raise ConfigError(f"model.patch_size={m.patch_size} does not divide model.latent_size={m.latent_size}")
+    if m.n_modalities < 2:
+        raise ConfigError(f"model.n_modalities={m.n_modalities}: text and image need at least 2")
+    if m.arch == "moe" and m.moe_experts < 2:
+        raise ConfigError(f"model.moe_experts={m.moe_experts} must be >= 2 for model.arch='moe'")
+    if f.loss_weight < 0:
+        raise ConfigError(f"flow.loss_weight={f.loss_weight} must be >= 0 (lambda weighs the flow loss)")
+    if f.shift <= 0 or f.logit_std <= 0:
+        raise ConfigError(f"flow.shift={f.shift} and flow.logit_std={f.logit_std} must be > 0")
+    if not 0 < f.caption_t_max <= 1:
+        raise ConfigError(f"flow.caption_t_max={f.caption_t_max} must lie in (0, 1]")
+    for key, value in (("data.caption_first", d.caption_first), ("data.caption_dropout", d.caption_dropout)):
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{key}={value} must lie in [0, 1]")
+    n_patches = (m.latent_size // m.patch_size) ** 2
+    need = n_patches + 4 + 1  # BOS, BOI, patches, EOI, EOS and at least one caption token
+    if d.seq_len < need:
+        raise ConfigError(f"data.seq_len={d.seq_len} cannot hold one image of {n_patches} patches "
+                          f"plus its markers (needs >= {need}); raise data.seq_len or model.patch_size")
+    if o.lr <= 0 or o.final_lr < 0 or o.final_lr > o.lr:
+        raise ConfigError(f"optim.lr={o.lr} must be > 0 and optim.final_lr={o.final_lr} in [0, lr]")
+    if o.warmup_steps < 0 or o.clip < 0 or o.weight_decay < 0:
+        raise ConfigError("optim.warmup_steps, optim.clip and optim.weight_decay must be >= 0")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={t.ema_decay} must lie in [0, 1)")
+    if s.cfg_scale < 0:
+        raise ConfigError(f"sample.cfg_scale={s.cfg_scale} must be >= 0")
+    if s.temperature < 0 or not 0 < s.top_p <= 1 or s.top_k < 0:
+        raise ConfigError(f"sample.temperature={s.temperature} >= 0, sample.top_p={s.top_p} in (0, 1], "
+                          f"sample.top_k={s.top_k} >= 0 required")
+    return cfg
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """A copy with some section fields changed, e.g. replace(cfg, train={"steps": 10})."""
+    new = dataclasses.replace(cfg)
+    for name, updates in sections.items():
+        setattr(new, name, dataclasses.replace(getattr(cfg, name), **updates))
+    return new

@@ -1,0 +1,1 @@
+"""Data: sources, tokenizers, latents and packing (DESIGN §4)."""

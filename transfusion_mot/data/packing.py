@@ -1,0 +1,184 @@
+"""Examples (lists of Text / Image segments) <-> a packed ``Batch`` of flat tensors (DESIGN §4).
+
+A document is laid out as ``BOS, seg_1, ..., seg_k, EOS`` where a text segment contributes its ids and
+an image segment ``BOI, p_1 ... p_n, EOI`` (n = patches of its latent). Documents are packed greedily
+into rows of ``seq_len``; RoPE positions restart in every document and the mask keeps documents
+apart, so where a document lands never changes its outputs (tested).
+
+Text targets: position i predicts token i+1 when both are text of the same document. So the LM learns
+to emit BOI (start an image) and, after EOI, to continue the text; it never predicts patches, and EOI
+is appended by the sampler after the last patch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from .segments import Image, Text
+
+TEXT, IMAGE = 0, 1  # modality ids; the backbone itself knows only "groups 0..M-1"
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Specials:
+    bos: int
+    eos: int
+    pad: int
+    boi: int
+    eoi: int
+
+    @classmethod
+    def of(cls, tokenizer) -> "Specials":
+        return cls(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.boi_id, tokenizer.eoi_id)
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # (B, T) text ids; pad id at patch and padding positions
+    modality: torch.Tensor  # (B, T) TEXT / IMAGE
+    doc_id: torch.Tensor  # (B, T) document index within the batch, -1 on padding
+    image_id: torch.Tensor  # (B, T) index into `latents`, -1 off images
+    position: torch.Tensor  # (B, T) position inside the document (RoPE)
+    text_targets: torch.Tensor  # (B, T) next text token, IGNORE where there is no LM loss
+    latents: torch.Tensor  # (N, C, h, w) clean latents (the model input once noised by flow.py)
+    t: torch.Tensor  # (N,) flow time per image (0 = clean)
+    conditions_text: torch.Tensor  # (N,) bool: image precedes text in its document (captioning)
+    image_seed: torch.Tensor  # (N,) seed of each image's t and noise: same data -> same noise anywhere
+
+    def to(self, device, dtype: torch.dtype | None = None) -> "Batch":
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)}
+        if dtype is not None:
+            moved["latents"] = moved["latents"].to(dtype)
+        return Batch(**moved)
+
+    def replace(self, **changes) -> "Batch":
+        return replace(self, **changes)
+
+    @property
+    def n_images(self) -> int:
+        return self.latents.shape[0]
+
+
+def document_length(example: list, n_patches: int) -> int:
+    """Tokens a document takes: BOS + EOS + text ids + (BOI + patches + EOI) per image."""
+    return 2 + sum(len(s.ids) if isinstance(s, Text) else n_patches + 2 for s in example)
+
+
+def _doc_tokens(example: list, sp: Specials, n_patches: int) -> tuple[list[int], list[int], list[int]]:
+    """Token ids, modality and local image index (-1 off images) for one document."""
+    toks, mods, imgs = [sp.bos], [TEXT], [-1]
+    n_img = 0
+    for seg in example:
+        if isinstance(seg, Text):
+            toks += seg.ids
+            mods += [TEXT] * len(seg.ids)
+            imgs += [-1] * len(seg.ids)
+        elif isinstance(seg, Image):
+            toks += [sp.boi] + [sp.pad] * n_patches + [sp.eoi]
+            mods += [TEXT] + [IMAGE] * n_patches + [TEXT]
+            imgs += [-1] + [n_img] * n_patches + [-1]
+            n_img += 1
+        else:
+            raise TypeError(f"segments must be Text or Image, got {type(seg).__name__}")
+    return toks + [sp.eos], mods + [TEXT], imgs + [-1]
+
+
+def pack(examples: list[list], seq_len: int, specials: Specials, patch_size: int,
+         n_rows: int | None = None, image_seeds: list[list[int]] | None = None) -> Batch:
+    """Greedy packing in order: a document goes into the current row if it fits, else opens a new row.
+
+    ``n_rows`` pads the batch with empty rows to a fixed count (an error if the documents need more).
+    ``image_seeds[i][j]`` seeds the t / noise of image j of example i (default: running index).
+    """
+    if not examples:
+        raise ValueError("pack() needs at least one example")
+    first_img = next((s for ex in examples for s in ex if isinstance(s, Image)), None)
+    n_patches = 0 if first_img is None else (first_img.latent.shape[-1] // patch_size) * (first_img.latent.shape[-2] // patch_size)
+    rows: list[list[int]] = [[]]
+    used = 0
+    for i, ex in enumerate(examples):
+        length = document_length(ex, n_patches)
+        if length > seq_len:
+            raise ValueError(f"example {i} needs {length} tokens but data.seq_len={seq_len}; "
+                             f"shorten its text (data.max_caption_tokens) or raise seq_len")
+        if used + length > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += length
+    n_rows = n_rows or len(rows)
+    if len(rows) > n_rows:
+        raise ValueError(f"{len(examples)} examples need {len(rows)} rows of {seq_len} tokens, only {n_rows} allowed")
+
+    shape = (n_rows, seq_len)
+    tokens = torch.full(shape, specials.pad, dtype=torch.long)
+    modality = torch.zeros(shape, dtype=torch.long)
+    doc_id = torch.full(shape, -1, dtype=torch.long)
+    image_id = torch.full(shape, -1, dtype=torch.long)
+    position = torch.zeros(shape, dtype=torch.long)
+    targets = torch.full(shape, IGNORE, dtype=torch.long)
+    latents, cond, seeds = [], [], []
+    doc = 0
+    for r, members in enumerate(rows):
+        col = 0
+        for i in members:
+            toks, mods, imgs = _doc_tokens(examples[i], specials, n_patches)
+            n = len(toks)
+            span = slice(col, col + n)
+            tokens[r, span] = torch.tensor(toks)
+            modality[r, span] = torch.tensor(mods)
+            doc_id[r, span] = doc
+            position[r, span] = torch.arange(n)
+            base = len(latents)
+            image_id[r, span] = torch.tensor([base + j if j >= 0 else -1 for j in imgs])
+            is_text = torch.tensor(mods) == TEXT
+            nxt = torch.tensor(toks[1:])
+            ok = is_text[:-1] & is_text[1:]
+            targets[r, col:col + n - 1] = torch.where(ok, nxt, torch.full_like(nxt, IGNORE))
+            j = 0
+            for k, seg in enumerate(examples[i]):
+                if isinstance(seg, Image):
+                    latents.append(seg.latent)
+                    later_text = any(isinstance(s, Text) and s.ids for s in examples[i][k + 1:])
+                    cond.append(seg.conditions_text or later_text)
+                    seeds.append(image_seeds[i][j] if image_seeds is not None else len(seeds))
+                    j += 1
+            doc += 1
+            col += n
+    c, h, w = (first_img.latent.shape if first_img is not None else (1, patch_size, patch_size))
+    lat = torch.stack(latents).float() if latents else torch.zeros(0, c, h, w)
+    return Batch(tokens, modality, doc_id, image_id, position, targets, lat,
+                 t=torch.zeros(lat.shape[0]), conditions_text=torch.tensor(cond, dtype=torch.bool),
+                 image_seed=torch.tensor(seeds, dtype=torch.long))
+
+
+def unpack(batch: Batch, specials: Specials) -> list[list]:
+    """Inverse of ``pack`` (for tests and inspection): the documents' segments in batch order."""
+    examples = []
+    for r in range(batch.tokens.shape[0]):
+        docs = batch.doc_id[r]
+        for d in docs[docs >= 0].unique(sorted=True).tolist():
+            cols = (docs == d).nonzero().squeeze(1)
+            toks = batch.tokens[r, cols].tolist()[1:-1]  # drop BOS / EOS
+            imgs = batch.image_id[r, cols].tolist()[1:-1]
+            segs, text, k = [], [], 0
+            while k < len(toks):
+                if toks[k] == specials.boi and k + 1 < len(imgs) and imgs[k + 1] >= 0:
+                    if text:
+                        segs.append(Text(text))
+                        text = []
+                    img = imgs[k + 1]
+                    segs.append(Image(batch.latents[img]))
+                    k += 1
+                    while k < len(imgs) and imgs[k] == img:
+                        k += 1
+                    k += 1  # EOI
+                else:
+                    text.append(toks[k])
+                    k += 1
+            if text:
+                segs.append(Text(text))
+            examples.append(segs)
+    return examples

@@ -1,0 +1,38 @@
+"""The data contract: every source produces examples made of these segments (DESIGN §4).
+
+An example is a list of segments, e.g. ``[Text(caption_ids), Image(latent)]`` for caption-first
+generation or ``[Image(latent), Text(caption_ids)]`` for captioning. ``pack()`` turns examples into a
+``Batch`` of flat tensors; nothing downstream of packing knows where an example came from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image as PILImage
+
+
+@dataclass
+class Record:
+    """One raw captioned image as a source yields it, before tokenising and encoding."""
+
+    image: PILImage.Image  # RGB
+    captions: list[str]  # one or more; a pipeline picks one per epoch
+    key: str = ""  # file name / shard key, for error messages and caching
+    meta: dict = field(default_factory=dict)  # source-specific extras (shapes: the scene facts)
+
+
+@dataclass
+class Text:
+    ids: list[int]
+
+
+@dataclass
+class Image:
+    """An image segment: a clean VAE latent (C, h, w). ``conditions_text`` marks captioning images."""
+
+    latent: torch.Tensor  # (C, h, w), already scaled by the codec
+    conditions_text: bool = False
+
+
+Example = list  # list[Text | Image]

@@ -1,0 +1,137 @@
+"""Rectified flow, apart from the network (DiT's diffusion/, minRF's rf.py).
+
+Time convention, everywhere in this codebase (diffusers' FlowMatchEulerDiscreteScheduler, SD3, BAGEL):
+
+    x_t = (1 - t) * x0 + t * noise,    target v = noise - x0,    t = 1 is pure noise, t = 0 clean.
+
+So dx_t/dt = v and sampling integrates from t = 1 down to t = 0: x_{t-dt} = x_t - dt * v.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import FlowConfig
+from .data.packing import IGNORE, Batch
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's resolution shift: more time near noise for shift > 1. Identity at shift = 1."""
+    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+
+
+def sample_t(n: int, cfg: FlowConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n,) training times in (0, 1): uniform or logit-normal, then shifted."""
+    if cfg.t_sampling == "logit_normal":
+        t = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=generator))
+    else:
+        t = torch.rand(n, generator=generator)
+    return shift_time(t, cfg.shift)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t noise, with t (N,) broadcast over (N, C, h, w)."""
+    t = t.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - t) * x0 + t * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return noise - x0
+
+
+def draw_t_and_noise(batch: Batch, cfg: FlowConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """t (N,) and noise (N, C, h, w), each image's drawn from its own generator seeded by
+    ``(seed, batch.image_seed[i])``, so the same data gets the same noise on any rank, any batch
+    layout and after a resume. Images that condition text (captioning) get t scaled into
+    [0, cfg.caption_t_max], as Transfusion caps noise when an image is context for its caption."""
+    ts, noises = [], []
+    shape = batch.latents.shape[1:]
+    for s in batch.image_seed.tolist():
+        g = torch.Generator().manual_seed((seed * 1_000_003 + s) % (2 ** 63))
+        ts.append(sample_t(1, cfg, g))
+        noises.append(torch.randn(shape, generator=g))
+    if not ts:
+        return torch.zeros(0), torch.zeros(0, *shape)
+    t = torch.cat(ts)
+    t = torch.where(batch.conditions_text.cpu(), t * cfg.caption_t_max, t)
+    return t, torch.stack(noises)
+
+
+@dataclass
+class LossParts:
+    """Sums and counts, so the trainer can normalise by global counts (exact across ranks)."""
+
+    lm_sum: torch.Tensor
+    lm_count: torch.Tensor
+    flow_sum: torch.Tensor
+    flow_count: torch.Tensor
+    aux: torch.Tensor
+
+    def total(self, loss_weight: float, aux_weight: float = 0.0,
+              lm_denom: torch.Tensor | None = None, flow_denom: torch.Tensor | None = None) -> torch.Tensor:
+        """L_LM + lambda * L_flow (+ MoE aux), each a mean over its own elements."""
+        lm = self.lm_sum / (self.lm_count if lm_denom is None else lm_denom).clamp(min=1)
+        flow = self.flow_sum / (self.flow_count if flow_denom is None else flow_denom).clamp(min=1)
+        return lm + loss_weight * flow + aux_weight * self.aux
+
+    @property
+    def lm(self) -> float:
+        return float(self.lm_sum.detach() / self.lm_count.clamp(min=1))
+
+    @property
+    def flow(self) -> float:
+        return float(self.flow_sum.detach() / self.flow_count.clamp(min=1))
+
+
+def loss_parts(model, batch: Batch, cfg: FlowConfig, seed: int,
+               t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> LossParts:
+    """Noise the batch's images, run the model once, and sum the LM and flow losses.
+
+    ``t`` / ``noise`` override the per-image draws (fixed-noise evaluation, overfitting tests).
+    """
+    device = batch.tokens.device
+    if t is None or noise is None:
+        t_drawn, noise_drawn = draw_t_and_noise(batch, cfg, seed)
+        t = t_drawn if t is None else t
+        noise = noise_drawn if noise is None else noise
+    t, noise = t.to(device), noise.to(device)
+    x0 = batch.latents
+    out = model(batch.replace(latents=add_noise(x0, noise, t), t=t))
+    targets = batch.text_targets.reshape(-1)[out.text_index]
+    lm_sum = F.cross_entropy(out.logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+    flow_sum = (out.velocity.float() - velocity_target(x0, noise).float()).pow(2).sum()
+    return LossParts(lm_sum=lm_sum, lm_count=(targets != IGNORE).sum(), flow_sum=flow_sum,
+                     flow_count=torch.tensor(x0.numel(), device=device), aux=out.aux_loss)
+
+
+def time_grid(steps: int, shift: float = 1.0) -> list[float]:
+    """t values from 1 to 0 for an Euler sampler with ``steps`` steps (shifted like training)."""
+    ts = torch.linspace(1.0, 0.0, steps + 1)
+    return shift_time(ts, shift).tolist()
+
+
+@torch.no_grad()
+def euler_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+                 steps: int = 250, shift: float = 1.0, grid: list[float] | None = None) -> torch.Tensor:
+    """Integrate dx/dt = v(x, t) from t = 1 (``noise``) to t = 0. ``velocity(x, t)`` gets t as (N,)."""
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    grid = grid or time_grid(steps, shift)
+    x = noise
+    for t_now, t_next in zip(grid[:-1], grid[1:]):
+        t = torch.full((x.shape[0],), t_now, device=x.device)
+        x = x + (t_next - t_now) * velocity(x, t).to(x.dtype)
+    return x
+
+
+def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: scale 1 = conditional, 0 = unconditional."""
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+def diffusion_val_grid(n: int) -> torch.Tensor:
+    """The fixed t values of the diffusion validation loss: n evenly spaced midpoints in (0, 1)."""
+    return (torch.arange(n, dtype=torch.float64) + 0.5).div(n).float()

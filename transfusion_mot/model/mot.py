@@ -1,0 +1,207 @@
+"""Mixture-of-Transformers backbone (MoT paper, Algorithm 1): per-modality QKV / output projection /
+feed-forward / norms, global self-attention. Dense is the same code with one group; MoE-4x swaps the
+feed-forward for expert-choice experts. Pure single-device PyTorch.
+
+Norm placement ``post`` (the paper's Algorithm 1):  H = X + Norm_attn(O(attn(QKV(X))));  Y = H + Norm_ffn(FFN(H))
+Norm placement ``pre`` (Llama style):               H = X + O(attn(QKV(Norm_attn(X)))); Y = H + FFN(Norm_ffn(H))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import RMSNorm, Rotary, SwiGLU, apply_rotary, ffn_hidden_dim
+from .modality import PerModality, Routing
+
+
+@dataclass
+class BackboneConfig:
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_dim: int = 0  # 0: Llama's 8/3 * dim rule
+    n_groups: int = 2  # modality groups with their own weights (1 = dense)
+    norm_placement: str = "post"  # "post" (MoT Algorithm 1) | "pre"
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    moe_experts: int = 0  # >0: MoE feed-forward with this many experts (the MoE-4x baseline)
+    moe_routing: str = "expert_choice"  # "expert_choice" | "token_choice" (top-1 + load-balancing loss)
+    moe_capacity: float = 1.0  # expert-choice capacity factor: each expert takes capacity * N / E tokens
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        return self.ffn_dim or ffn_hidden_dim(self.dim)
+
+
+class KVCache:
+    """Keys/values per layer for incremental decoding and for a prompt reused across flow steps.
+
+    ``frozen`` caches are read but never extended: every flow step attends to the same prompt.
+    """
+
+    def __init__(self, n_layers: int, frozen: bool = False):
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.frozen = frozen
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        if not self.frozen:
+            self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def expand(self, repeats: int) -> "KVCache":
+        """A frozen view with each batch row repeated (e.g. one prompt, several images)."""
+        out = KVCache(len(self.k), frozen=True)
+        out.k = [k.repeat_interleave(repeats, 0) for k in self.k]
+        out.v = [v.repeat_interleave(repeats, 0) for v in self.v]
+        return out
+
+
+class QKV(nn.Module):
+    """One group's query/key/value projection (+ the pre-norm, + optional QK-norm)."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.dim) if cfg.norm_placement == "pre" else nn.Identity()
+        self.proj = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else None
+        self.head_dim = cfg.head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.proj(self.norm(x))  # (N, 3D)
+        if self.q_norm is None:
+            return qkv
+        q, k, v = qkv.chunk(3, dim=-1)
+        q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+        k = self.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+        return torch.cat([q, k, v], dim=-1)
+
+
+class Sublayer(nn.Module):
+    """A projection or FFN wrapped with its norm: Norm(f(x)) for post-norm, f(Norm(x)) for pre-norm."""
+
+    def __init__(self, f: nn.Module, cfg: BackboneConfig, norm_input: bool):
+        super().__init__()
+        self.f = f
+        post = cfg.norm_placement == "post"
+        self.norm_in = RMSNorm(cfg.dim) if (norm_input and not post) else nn.Identity()
+        self.norm_out = RMSNorm(cfg.dim) if post else nn.Identity()
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        return self.norm_out(self.f(self.norm_in(x), *args))
+
+
+class MoEFeedForward(nn.Module):
+    """E SwiGLU experts of the dense FFN's shape. Expert choice (MoT paper's MoE-4x baseline): each
+    expert takes its top ``capacity * N / E`` tokens, so FLOPs per token match dense on average.
+    Token choice: top-1 expert per token with the Switch load-balancing loss in ``self.aux_loss``."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.router = nn.Linear(cfg.dim, cfg.moe_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(cfg.dim, cfg.hidden) for _ in range(cfg.moe_experts))
+        self.routing, self.capacity = cfg.moe_routing, cfg.moe_capacity
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, D)
+        probs = self.router(x).float().softmax(dim=-1)  # (N, E)
+        if valid is not None:  # padding is never chosen and never counted
+            probs = probs * valid.reshape(-1, 1)
+        out = torch.zeros_like(x)
+        n_exp = len(self.experts)
+        if self.routing == "expert_choice":
+            k = max(1, min(x.shape[0], int(self.capacity * x.shape[0] / n_exp)))
+            gate, idx = probs.topk(k, dim=0)  # (k, E) per expert its tokens
+            for e, expert in enumerate(self.experts):
+                y = expert(x[idx[:, e]]) * gate[:, e, None].to(x.dtype)
+                out = out.index_add(0, idx[:, e], y)
+            self.aux_loss = x.new_zeros(())
+        else:
+            gate, choice = probs.max(dim=-1)  # (N,)
+            for e, expert in enumerate(self.experts):
+                sel = (choice == e).nonzero().squeeze(1)
+                out = out.index_add(0, sel, expert(x[sel]) * gate[sel, None].to(x.dtype))
+            keep = choice if valid is None else choice[valid.reshape(-1)]
+            n_valid = max(keep.numel(), 1)
+            frac = torch.bincount(keep, minlength=n_exp).float() / n_valid  # share of tokens per expert
+            self.aux_loss = n_exp * (frac * probs.sum(0) / n_valid).sum()
+        return out.reshape(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: BackboneConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.dim = layer, cfg.n_heads, cfg.dim
+        g = cfg.n_groups
+        self.qkv = PerModality(lambda: QKV(cfg), g)
+        self.out = PerModality(lambda: Sublayer(nn.Linear(cfg.dim, cfg.dim, bias=False), cfg, norm_input=False), g)
+        if cfg.moe_experts:
+            if g != 1:
+                raise ValueError("MoE feed-forward is a dense-attention baseline: use n_groups=1")
+            self.ffn = Sublayer(MoEFeedForward(cfg), cfg, norm_input=True)
+        else:
+            self.ffn = PerModality(lambda: Sublayer(SwiGLU(cfg.dim, cfg.hidden), cfg, norm_input=True), g)
+
+    def forward(self, x, routing: Routing, rope, mask, cache: KVCache | None = None, valid=None) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x, routing).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # (B, H, T, hd)
+        if cache is not None:
+            k, v = cache.extend(self.layer, k, v)
+        a = attend(q, k, v, mask).transpose(1, 2).reshape(b, t, d)
+        h = x + self.out(a, routing)
+        if isinstance(self.ffn, PerModality):
+            return h + self.ffn(h, routing)
+        return h + self.ffn(h, valid)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """SDPA with a boolean mask, or flex attention when given a BlockMask (CUDA)."""
+    if isinstance(mask, torch.Tensor) or mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, block_mask=mask)
+
+
+class Backbone(nn.Module):
+    """Blocks + a per-modality final norm. Input and output (B, T, D)."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = PerModality(lambda: RMSNorm(cfg.dim), cfg.n_groups)
+        self.checkpointing = False  # activation checkpointing per block (set by the trainer)
+
+    def forward(self, x, modality, position, mask, cache: KVCache | None = None, valid=None) -> torch.Tensor:
+        routing = Routing.from_modality(modality, self.cfg.n_groups)  # once per batch, for every layer
+        rope = self.rotary(position)
+        for block in self.blocks:
+            if self.checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, routing, rope, mask, None, valid, use_reentrant=False)
+            else:
+                x = block(x, routing, rope, mask, cache, valid)
+        return self.norm(x, routing)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE load-balancing losses of the last forward (0 for dense / MoT / expert choice)."""
+        losses = [b.ffn.f.aux_loss for b in self.blocks if isinstance(b.ffn, Sublayer)]
+        return torch.stack(losses).sum() if losses else torch.zeros(())

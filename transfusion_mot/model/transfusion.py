@@ -1,0 +1,122 @@
+"""The Transfusion model: text ids and noised latent patches in one sequence, one MoT backbone, an LM
+head on text positions and a velocity head on image positions. The network only predicts; noising,
+targets and losses live in flow.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from ..data.packing import IMAGE, TEXT, Batch
+from .layers import TimestepEmbedding, patchify, unpatchify
+from .masks import flex_block_mask, mask_from_batch
+from .mot import Backbone, BackboneConfig, KVCache
+
+
+@dataclass
+class Outputs:
+    logits: torch.Tensor  # (N_text, V) at the flattened non-padding text positions `text_index`
+    text_index: torch.Tensor  # (N_text,) indices into the flattened (B*T) sequence
+    velocity: torch.Tensor  # (N_img, C, h, w) predicted noise - x0
+    hidden: torch.Tensor  # (B, T, D) final hidden states (after the per-modality norm)
+    aux_loss: torch.Tensor  # () MoE load-balancing loss (0 unless token-choice MoE)
+
+
+def backbone_config(cfg: ModelConfig) -> BackboneConfig:
+    return BackboneConfig(
+        dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim,
+        n_groups=cfg.n_modalities if cfg.arch == "mot" else 1, norm_placement=cfg.norm_placement,
+        qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta,
+        moe_experts=cfg.moe_experts if cfg.arch == "moe" else 0, moe_routing=cfg.moe_routing,
+        moe_capacity=cfg.moe_capacity,
+    )
+
+
+class Transfusion(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("model.vocab_size must be set (build_model fills it from the tokenizer)")
+        self.cfg = cfg
+        patch_dim = cfg.latent_channels * cfg.patch_size ** 2
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.patch_in = nn.Linear(patch_dim, cfg.dim)
+        self.t_emb = TimestepEmbedding(cfg.dim)
+        self.backbone = Backbone(backbone_config(cfg))
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.patch_out = nn.Linear(cfg.dim, patch_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+        nn.init.zeros_(self.patch_out.weight)  # start by predicting zero velocity (DiT's final layer)
+
+    # -- the three stages of forward, public so that sampling can run them with a KV cache --
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """(B, T, D): token embeddings, with patch + timestep embeddings written at image positions."""
+        x = self.tok_emb(batch.tokens)
+        if batch.n_images == 0:
+            return x
+        p = self.cfg.patch_size
+        patches = self.patch_in(patchify(batch.latents.to(x.dtype), p))  # (N, n, D)
+        patches = patches + self.t_emb(batch.t)[:, None, :].to(x.dtype)
+        b, t, d = x.shape
+        img_idx = (batch.modality == IMAGE).reshape(-1).nonzero().squeeze(1)
+        if img_idx.numel() != patches.shape[0] * patches.shape[1]:
+            raise ValueError(f"batch has {img_idx.numel()} image positions but its latents give "
+                             f"{patches.shape[0]} x {patches.shape[1]} patches")
+        return x.reshape(b * t, d).index_copy(0, img_idx, patches.reshape(-1, d)).reshape(b, t, d)
+
+    def attention_mask(self, batch: Batch):
+        use_flex = self.cfg.attention == "flex" or (self.cfg.attention == "auto" and batch.tokens.is_cuda)
+        if use_flex:
+            return flex_block_mask(batch.doc_id, batch.image_id)
+        return mask_from_batch(batch.doc_id, batch.image_id)
+
+    def heads(self, h: torch.Tensor, batch: Batch) -> Outputs:
+        b, t, d = h.shape
+        flat = h.reshape(b * t, d)
+        text_index = ((batch.modality == TEXT) & (batch.doc_id >= 0)).reshape(-1).nonzero().squeeze(1)
+        logits = self.lm_head(flat[text_index])
+        n, c, hh, ww = batch.latents.shape
+        img_idx = (batch.modality == IMAGE).reshape(-1).nonzero().squeeze(1)
+        v = self.patch_out(flat[img_idx]).reshape(n, -1, c * self.cfg.patch_size ** 2)
+        velocity = unpatchify(v, self.cfg.patch_size, c, hh, ww)
+        return Outputs(logits, text_index, velocity, h, self.backbone.aux_loss().to(h.device))
+
+    def forward(self, batch: Batch, mask=None, cache: KVCache | None = None) -> Outputs:
+        """``batch.latents`` are the (noised) model inputs at times ``batch.t``."""
+        x = self.embed(batch)
+        mask = self.attention_mask(batch) if mask is None else mask
+        h = self.backbone(x, batch.modality, batch.position, mask, cache=cache, valid=batch.doc_id >= 0)
+        return self.heads(h, batch)
+
+    # -- bookkeeping --
+    def num_params(self, active: bool = False, embeddings: bool = True) -> int:
+        """Total parameters, or those one token uses (``active``: one MoT group, one MoE expert)."""
+        total = 0
+        for name, p in self.named_parameters():
+            if not embeddings and name.startswith(("tok_emb", "lm_head")):
+                continue
+            n = p.numel()
+            if active and ".groups." in name:
+                n //= len(self._group_list(name))
+            if active and ".experts." in name:
+                n //= self.cfg.moe_experts
+            total += n
+        return total
+
+    def _group_list(self, name: str) -> nn.ModuleList:
+        module = self
+        parts = name.split(".")
+        for part in parts[: parts.index("groups") + 1]:
+            module = getattr(module, part) if not part.isdigit() else module[int(part)]
+        return module
