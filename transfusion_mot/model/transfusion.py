@@ -88,8 +88,9 @@ class Transfusion(nn.Module):
         logits = self.lm_head(flat[text_index])
         n, c, hh, ww = batch.latents.shape
         img_idx = (batch.modality == IMAGE).reshape(-1).nonzero().squeeze(1)
-        v = self.patch_out(flat[img_idx]).reshape(n, -1, c * self.cfg.patch_size ** 2)
-        velocity = unpatchify(v, self.cfg.patch_size, c, hh, ww)
+        p = self.cfg.patch_size
+        v = self.patch_out(flat[img_idx]).reshape(n, (hh // p) * (ww // p), c * p * p)
+        velocity = unpatchify(v, p, c, hh, ww)
         return Outputs(logits, text_index, velocity, h, self.backbone.aux_loss().to(h.device))
 
     def forward(self, batch: Batch, mask=None, cache: KVCache | None = None) -> Outputs:

@@ -1,0 +1,65 @@
+"""The Transfusion mask on hand-built sequences, and flex == SDPA on CUDA."""
+import pytest
+import torch
+
+from transfusion_mot.model.masks import mask_from_batch, transfusion_mask
+
+# one row: doc 0 = [t t BOI i0 i0 i0 EOI t], doc 1 = [t i1 i1 t], then 2 padding
+DOC = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, -1, -1]])
+IMG = torch.tensor([[-1, -1, -1, 0, 0, 0, -1, -1, -1, 1, 1, -1, -1, -1]])
+
+
+def test_text_is_causal():
+    m = mask_from_batch(DOC, IMG)[0, 0]
+    assert m[1, 0] and not m[0, 1]  # text sees the past, not the future
+    assert not m[2, 3]  # BOI does not see the image after it
+    assert not m[6, 7] and m[7, 6]
+
+
+def test_image_patches_see_each_other_both_ways():
+    m = mask_from_batch(DOC, IMG)[0, 0]
+    for i in (3, 4, 5):
+        for j in (3, 4, 5):
+            assert m[i, j]
+        assert m[i, 0] and m[i, 2]  # and the text before (the caption, BOI)
+        assert not m[i, 6] and not m[i, 7]  # not the text after
+    assert m[6, 3] and m[6, 5]  # EOI and later text see the whole image
+
+
+def test_nothing_crosses_documents():
+    m = mask_from_batch(DOC, IMG)[0, 0]
+    assert not m[8:12, :8].any() and not m[:8, 8:12].any()
+    assert m[9, 10] and m[10, 9]  # image of doc 1 is bidirectional too
+
+
+def test_padding_is_isolated():
+    m = mask_from_batch(DOC, IMG)[0, 0]
+    assert not m[:12, 12:].any()  # nobody sees padding
+    assert m[12:, :].sum() == 2 and m[12, 12] and m[13, 13]  # padding sees only itself (finite rows)
+
+
+def test_kv_cache_mask_equals_slice_of_full_mask():
+    full = mask_from_batch(DOC, IMG)
+    pos = torch.arange(14)[None]
+    q = slice(9, 12)
+    part = transfusion_mask(DOC[:, q], IMG[:, q], pos[:, q], DOC, IMG, pos)
+    assert torch.equal(part, full[:, :, q])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention BlockMask path needs CUDA")
+def test_flex_matches_sdpa_on_cuda():
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from transfusion_mot.model.masks import flex_block_mask
+
+    torch.manual_seed(0)
+    b, h, t, d = 2, 4, 256, 32
+    doc = torch.cat([torch.zeros(b, 100), torch.ones(b, 120), -torch.ones(b, 36)], 1).long().cuda()
+    img = torch.full((b, t), -1).cuda()
+    img[:, 20:84] = 0
+    img[:, 130:194] = 1
+    q, k, v = (torch.randn(b, h, t, d, device="cuda") for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_from_batch(doc, img))
+    out = flex_attention(q, k, v, block_mask=flex_block_mask(doc, img))
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
