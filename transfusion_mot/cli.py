@@ -1,0 +1,160 @@
+"""The ``transfusion-mot`` command: main, train, generate, caption, train-vae, params."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def find_config(name: str) -> str:
+    """A config path as given, else configs/<name>(.yaml) next to the package (editable installs)."""
+    for candidate in (Path(name), REPO_CONFIGS / name, REPO_CONFIGS / f"{name}.yaml"):
+        if candidate.is_file():
+            return str(candidate)
+    raise SystemExit(f"error: config {name!r} not found (looked in . and {REPO_CONFIGS})")
+
+
+def cmd_main(args: argparse.Namespace) -> None:
+    """The main job: train MoT on shapes (VAE included), sample, evaluate, write the report."""
+    from .config import load_config
+    from .train import Stop, train
+
+    cfg = load_config(find_config(args.config), args.overrides)
+    try:
+        run_dir = train(cfg)
+    except Stop as e:
+        raise SystemExit(f"error: {e}")
+    print(f"\nreport: {run_dir / 'report.md'}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import main as train_main
+
+    argv = (["--config", find_config(args.config)] if args.config else []) + args.overrides
+    if args.resume:
+        argv += ["--resume", args.resume]
+    train_main(argv + (["--no-eval"] if args.no_eval else []))
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise SystemExit(f"error: --prompts-file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("error: give at least one --prompt or a --prompts-file")
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise SystemExit(f"error: prompt {empty[0]} is empty (use --cfg 0 semantics via an explicit prompt instead)")
+    return prompts
+
+
+def _check_out_dir(out: str) -> Path:
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"error: output dir {path} is not writable ({e.strerror})")
+    return path
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .pretrained import from_pretrained
+
+    prompts = _read_prompts(args)
+    if args.steps < 1:
+        raise SystemExit(f"error: --steps {args.steps} must be >= 1")
+    if args.cfg < 0:
+        raise SystemExit(f"error: --cfg {args.cfg} must be >= 0")
+    out = _check_out_dir(args.out)
+    pipe = from_pretrained(args.ckpt)
+    paths = pipe.generate_to_dir(prompts, out, steps=args.steps, cfg_scale=args.cfg, seed=args.seed, n=args.n)
+    print(f"wrote {len(paths) - 1} images and {paths[-1]}")
+
+
+def cmd_caption(args: argparse.Namespace) -> None:
+    from .pretrained import from_pretrained
+
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise SystemExit(f"error: image not found: {missing[0]}")
+    pipe = from_pretrained(args.ckpt)
+    for path, text in zip(args.images, pipe.caption_files(args.images, seed=args.seed, temperature=args.temperature)):
+        print(f"{path}\t{text}")
+
+
+def cmd_train_vae(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .data.pipeline import train_codec_for
+
+    cfg = load_config(find_config(args.config) if args.config else None, args.overrides)
+    codec_dir = train_codec_for(cfg, Path(args.out))
+    print(f"VAE written to {codec_dir} (use codec.kind=trained codec.path={codec_dir})")
+
+
+def cmd_params(args: argparse.Namespace) -> None:
+    from .components.flops import main as flops_main
+
+    flops_main()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="transfusion-mot", description="Transfusion on a Mixture-of-Transformers backbone")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("main", help="the main job: train on shapes, sample, evaluate, report")
+    s.add_argument("--config", default="main")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_main)
+
+    s = sub.add_parser("train", help="train (same as python -m transfusion_mot.train)")
+    s.add_argument("--config", default=None)
+    s.add_argument("--resume", default=None)
+    s.add_argument("--no-eval", action="store_true")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("generate", help="images from prompts")
+    s.add_argument("--ckpt", required=True, help="run directory (or its model/ folder)")
+    s.add_argument("--prompt", action="append", help="repeat for several prompts")
+    s.add_argument("--prompts-file", default=None, help="one prompt per line")
+    s.add_argument("--steps", type=int, default=250)
+    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n", type=int, default=4, help="images per prompt")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("caption", help="captions for images")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("images", nargs="+")
+    s.set_defaults(fn=cmd_caption)
+
+    s = sub.add_parser("train-vae", help="train the small AutoencoderKL on a data source")
+    s.add_argument("--config", default=None)
+    s.add_argument("--out", required=True)
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_train_vae)
+
+    s = sub.add_parser("params", help="parameter and FLOP table of every named size")
+    s.set_defaults(fn=cmd_params)
+
+    args = p.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError) as e:  # config and input errors: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

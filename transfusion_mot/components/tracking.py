@@ -1,0 +1,92 @@
+"""What a run writes for people: metrics.jsonl, loss curves and sample grids as PNG."""
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from pathlib import Path
+
+import torch
+
+
+class MetricsLog:
+    """Appends one JSON object per line; ``read`` gives them back (plots, reports, tests)."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint so the file reads as one run."""
+        if self.enabled and self.path.exists():
+            keep = [r for r in self.read() if r.get("step", 0) <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(records: list[dict], out: str | Path, title: str = "") -> Path:
+    """Text loss, flow loss and learning rate against step (validation points where present)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "loss_lm" in r]
+    val = [r for r in records if "val_flow" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, label in ((axes[0], "loss_lm", "text loss (nats/token)"), (axes[1], "loss_flow", "flow loss (MSE)")):
+        ax.plot([r["step"] for r in train], [r[key] for r in train], lw=1, label="train")
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    if val:
+        axes[1].plot([r["step"] for r in val], [r["val_flow"] for r in val], "o-", label="val (fixed t grid)")
+        if "val_lm" in val[0]:
+            axes[0].plot([r["step"] for r in val], [r["val_lm"] for r in val], "o-", label="val")
+    for ax in axes[:2]:
+        ax.legend(fontsize=8)
+    axes[2].plot([r["step"] for r in train], [r["lr"] for r in train])
+    axes[2].set_title("learning rate")
+    axes[2].set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
+def save_grid(images: torch.Tensor, captions: list[str], out: str | Path, ncol: int = 8,
+              marks: list[float] | None = None) -> Path:
+    """(N, 3, H, W) in [0, 1] -> one PNG, each image with its prompt (and score) underneath."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = images.shape[0]
+    ncol = min(ncol, n)
+    nrow = math.ceil(n / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(1.9 * ncol, 2.45 * nrow), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        ax = axes.flat[i]
+        ax.imshow(images[i].clamp(0, 1).permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+        label = "\n".join(textwrap.wrap(captions[i], 24)[:3])
+        if marks is not None:
+            label += f"\n[{marks[i]:.2f}]"
+        ax.set_title(label, fontsize=6.5, y=-0.02, va="top")
+    fig.tight_layout(h_pad=0.4, w_pad=0.2)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)

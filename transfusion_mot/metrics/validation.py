@@ -1,0 +1,106 @@
+"""Validation losses that compare across runs: diffusion loss on a fixed t grid with fixed noise (SD3,
+MoT paper), text perplexity, and the two conditional losses (text->image, image->text).
+
+Every number here is a sum over examples divided by a count, computed on fixed examples with
+per-example seeded noise, so two calls, two batch sizes or two checkpoints give comparable numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..data.packing import IGNORE, Specials, pack
+from ..data.segments import Image, Text
+from ..flow import add_noise, diffusion_val_grid, velocity_target
+
+
+@dataclass
+class Pair:
+    """One held-out captioned image: latent (C, h, w) and caption ids."""
+
+    latent: torch.Tensor
+    caption_ids: list[int]
+
+
+@dataclass
+class ValResult:
+    flow_by_t: dict[float, float] = field(default_factory=dict)  # text->image flow loss per t
+    flow: float = float("nan")  # mean over the t grid (the diffusion validation loss)
+    text_nll: float = float("nan")  # caption NLL per token with no image (perplexity = exp)
+    caption_nll: float = float("nan")  # image->text: caption NLL per token given the clean image
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.text_nll) if math.isfinite(self.text_nll) else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"val_flow": self.flow, "val_lm": self.text_nll, "val_ppl": self.perplexity,
+                "val_caption_nll": self.caption_nll,
+                **{f"val_flow_t{t:.3f}": v for t, v in self.flow_by_t.items()}}
+
+
+def _fixed_noise(pairs: list[Pair], seed: int) -> list[torch.Tensor]:
+    return [torch.randn(p.latent.shape, generator=torch.Generator().manual_seed(seed * 100_003 + i))
+            for i, p in enumerate(pairs)]
+
+
+def _seq_len(pairs: list[Pair], patch_size: int) -> int:
+    c, h, w = pairs[0].latent.shape
+    longest = max(len(p.caption_ids) for p in pairs)
+    return 4 + longest + (h // patch_size) * (w // patch_size)
+
+
+@torch.no_grad()
+def validation_losses(model, pairs: list[Pair], specials: Specials, grid: int = 8, seed: int = 1234,
+                      batch_size: int = 16, text: bool = True) -> ValResult:
+    """All validation numbers on ``pairs``. One document per row, so batch size changes nothing."""
+    if not pairs:
+        raise ValueError("validation needs at least one held-out pair")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    p = model.cfg.patch_size
+    seq = _seq_len(pairs, p)
+    noise = _fixed_noise(pairs, seed)
+    ts = diffusion_val_grid(grid)
+    flow_sum = torch.zeros(grid, dtype=torch.float64)
+    n_elem = 0
+    nll = {"text": [0.0, 0], "caption": [0.0, 0]}
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        x0 = torch.stack([q.latent for q in chunk]).float()
+        eps = torch.stack(noise[start:start + batch_size])
+        t2i = pack([[Text(q.caption_ids), Image(q.latent)] for q in chunk], seq, specials, p).to(device)
+        n_elem += x0.numel()
+        for k, t in enumerate(ts.tolist()):
+            tt = torch.full((len(chunk),), t)
+            out = model(t2i.replace(latents=add_noise(x0, eps, tt).to(device), t=tt.to(device)))
+            err = (out.velocity.float().cpu() - velocity_target(x0, eps)).pow(2)
+            flow_sum[k] += err.double().sum()
+            if text and k == 0:  # caption before the image: its loss ignores the image (text perplexity)
+                _add_nll(nll["text"], out, t2i, specials, after_image=False)
+        if text:  # image -> text: clean image first, then the caption
+            i2t = pack([[Image(q.latent), Text(q.caption_ids)] for q in chunk], seq, specials, p).to(device)
+            out = model(i2t.replace(t=torch.zeros(len(chunk), device=device)))
+            _add_nll(nll["caption"], out, i2t, specials, after_image=True)
+    model.train(was_training)
+    by_t = {round(float(t), 4): float(s / n_elem) for t, s in zip(ts, flow_sum)}
+    return ValResult(flow_by_t=by_t, flow=float(flow_sum.sum() / (n_elem * grid)),
+                     text_nll=nll["text"][0] / max(nll["text"][1], 1) if text else float("nan"),
+                     caption_nll=nll["caption"][0] / max(nll["caption"][1], 1) if text else float("nan"))
+
+
+def _add_nll(acc: list, out, batch, specials: Specials, after_image: bool) -> None:
+    """Sum the NLL of the caption's tokens (+ EOS): never the BOI decision; the step from EOI to the
+    caption counts only when the caption follows the image (captioning)."""
+    targets = batch.text_targets.reshape(-1)[out.text_index]
+    inputs = batch.tokens.reshape(-1)[out.text_index]
+    keep = (targets != IGNORE) & (targets != specials.boi)
+    if not after_image:
+        keep &= inputs != specials.eoi
+    loss = F.cross_entropy(out.logits.float()[keep], targets[keep], reduction="sum")
+    acc[0] += float(loss)
+    acc[1] += int(keep.sum())

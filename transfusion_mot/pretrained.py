@@ -1,0 +1,105 @@
+"""``from_pretrained(run_dir)``: the exported model with its tokenizer and codec, ready to generate.
+
+What notebooks, ``transfusion-mot generate|caption`` and the eval scripts use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .data.packing import Specials
+
+
+@dataclass
+class Pipeline:
+    model: torch.nn.Module
+    cfg: Config
+    tokenizer: object
+    codec: torch.nn.Module
+
+    @property
+    def specials(self) -> Specials:
+        return Specials.of(self.tokenizer)
+
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        limit = self.cfg.data.max_caption_tokens
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        return [x[:limit] for x in ids]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], steps: int | None = None, cfg_scale: float | None = None,
+                 seed: int = 0, n: int = 1, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+        """Images (len(prompts) * n, 3, H, W) in [0, 1], prompt-major order."""
+        from .sample import generate_images
+
+        s = self.cfg.sample
+        latents = generate_images(self.model, self.encode_prompts(prompts), self.specials,
+                                  steps=steps or s.steps, cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
+                                  seed=seed, n_per_prompt=n, batch_size=batch_size, progress=progress)
+        return self.codec.decode(latents).float().clamp(0, 1)
+
+    def generate_to_dir(self, prompts: list[str], out: str | Path, **kw) -> list[Path]:
+        """PNG per image plus ``grid.png`` with the prompts under the images."""
+        from PIL import Image as PILImage
+
+        from .components.tracking import save_grid
+
+        n = kw.get("n", 1)
+        images = self.generate(prompts, progress=True, **kw)
+        out = Path(out)
+        paths = []
+        for i, img in enumerate(images):
+            arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            path = out / f"{i // n:04d}_{i % n}.png"
+            PILImage.fromarray(arr).save(path)
+            paths.append(path)
+        captions = [prompts[i // n] for i in range(len(images))]
+        paths.append(save_grid(images, captions, out / "grid.png", ncol=max(n, min(8, len(images)))))
+        return paths
+
+    @torch.no_grad()
+    def caption(self, images: torch.Tensor, seed: int = 0, temperature: float = 0.0,
+                max_new_tokens: int | None = None) -> list[str]:
+        """Captions for (N, 3, H, W) images in [0, 1] at the model's resolution."""
+        from .sample import caption_images
+
+        latents = self.codec.encode(images)
+        ids = caption_images(self.model, latents, self.specials, seed=seed, temperature=temperature,
+                             max_new_tokens=max_new_tokens or self.cfg.data.max_caption_tokens)
+        return [self.tokenizer.decode(x) for x in ids]
+
+    def caption_files(self, paths: list[str], **kw) -> list[str]:
+        from PIL import Image as PILImage
+
+        from .data.sources import ImageTransform
+
+        tf = ImageTransform(self.cfg.data.resolution, crop="center", min_side=1)
+        images = []
+        for p in paths:
+            with PILImage.open(p) as im:
+                images.append(tf(im.convert("RGB")))
+        return self.caption(torch.stack(images), **kw)
+
+
+def from_pretrained(run_dir: str | Path, device: str | torch.device = "cpu") -> Pipeline:
+    """Load ``run_dir/model`` (or a model folder itself) with the run's tokenizer and codec."""
+    from .components.checkpoint import load_exported
+    from .data.pipeline import load_run_codec, prepare_tokenizer
+    from .model import build_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise FileNotFoundError(f"checkpoint {run_dir} does not exist (give a run directory)")
+    model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
+    cfg, state = load_exported(model_dir)
+    tokenizer = prepare_tokenizer(cfg)
+    model = build_model(cfg.model, tokenizer.vocab_size)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{model_dir}: weights do not fit the model its config.json describes: {e}") from None
+    codec = load_run_codec(cfg, model_dir.parent if model_dir.name == "model" else model_dir)
+    return Pipeline(model.to(device).eval(), cfg, tokenizer, codec.to(device).eval())
