@@ -85,6 +85,8 @@ class DataConfig:
     caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
     shapes_train_size: int = 50000
     shapes_val_size: int = 512
+    shapes_max_shapes: int = 4  # shapes per image, 1..4
+    shapes_textured: bool = True  # textured as well as plain backgrounds
     num_workers: int = 0
     cache_latents: bool = True
     val_path: str = ""  # held-out data for validation loss ("" = the source's val split)
