@@ -25,9 +25,12 @@ class Pipeline:
         return Specials.of(self.tokenizer)
 
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
-        limit = self.cfg.data.max_caption_tokens
-        ids = [self.tokenizer.encode(p) for p in prompts]
-        return [x[:limit] for x in ids]
+        from .sample import truncate_prompt
+
+        for i, p in enumerate(prompts):
+            if not p.strip():
+                raise ValueError(f"prompt {i} is empty")
+        return [truncate_prompt(self.tokenizer.encode(p), self.cfg.data.max_caption_tokens) for p in prompts]
 
     @torch.no_grad()
     def generate(self, prompts: list[str], steps: int | None = None, cfg_scale: float | None = None,

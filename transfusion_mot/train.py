@@ -141,7 +141,7 @@ def train(cfg: Config, evaluate_at_end: bool = True) -> Path:
         accelerator.init_trackers("tb", config={"name": cfg.name})
     source = ExampleSource(build_records(cfg.data, "train"), tokenizer, cfg,
                            accelerator.process_index, accelerator.num_processes)
-    stream = BatchStream(source, encode, cfg, specials, start=state.next_batch)
+    stream = BatchStream(source, encode, cfg, specials, start=state.next_batch, report=accelerator.print)
     from .evaluate import Evaluator
 
     evaluator = Evaluator(cfg, tokenizer, codec, run_dir, accelerator)
@@ -185,7 +185,8 @@ def train(cfg: Config, evaluate_at_end: bool = True) -> Path:
             dt = time.time() - t_last
             record = {"step": state.step, **losses, "lr": sched.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(dt, 1e-9),
-                      "examples": state.examples_seen, "skipped_steps": state.skipped_steps}
+                      "examples": state.examples_seen, "skipped_steps": state.skipped_steps,
+                      "skipped_records": stream.skips.total}
             log.write(record)
             accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
             bar.set_postfix(lm=f"{losses['loss_lm']:.3f}", flow=f"{losses['loss_flow']:.4f}")
@@ -202,6 +203,8 @@ def train(cfg: Config, evaluate_at_end: bool = True) -> Path:
             accelerator.end_training()
             return run_dir
     bar.close()
+    if stream.skips.total:
+        accelerator.print(stream.skips.report())
 
     # --- end: checkpoint, export, evaluate ---
     save_checkpoint(accelerator, run_dir, state.step, cfg, keep=cfg.train.keep_checkpoints)

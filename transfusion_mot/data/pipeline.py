@@ -8,11 +8,17 @@ examples as one process with W times the batch (tested to 1e-5).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
-from ..config import Config, DataConfig
+from ..config import CodecConfig, Config, DataConfig
 from .packing import Batch, Specials, pack
 from .segments import Image, Record, Text
 
@@ -49,7 +55,8 @@ def build_records(cfg: DataConfig, split: str = "train"):
         from .shapes import ShapesDataset
 
         size = cfg.shapes_train_size if split == "train" else cfg.shapes_val_size
-        return ShapesDataset(split=split, size=size, resolution=cfg.resolution)
+        return ShapesDataset(split=split, size=size, resolution=cfg.resolution,
+                             max_shapes=cfg.shapes_max_shapes, textured=cfg.shapes_textured)
     from .sources import build_source
 
     path = cfg.val_path if (split != "train" and cfg.val_path) else cfg.path
@@ -72,7 +79,8 @@ class ExampleSource(torch.utils.data.Dataset):
         self.rank, self.world = rank, world
         self.per_batch = examples_per_batch(cfg)
         self.transform = ImageTransform(cfg.data.resolution, crop=cfg.data.crop)
-        self.skips = SkipStats()
+        self.skips = SkipStats()  # found while indexing the source (e.g. a listed file that is missing)
+        self.skips.merge(getattr(records, "skips", SkipStats()))
 
     def __len__(self) -> int:
         return 2 ** 62  # an endless stream; the trainer stops it
@@ -88,15 +96,19 @@ class ExampleSource(torch.utils.data.Dataset):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
         return int(perm[i])
 
-    def prepare(self, p: int, record: Record | None = None) -> Prepared | None:
+    def prepare(self, p: int, skips: "SkipStats", record: Record | None = None) -> Prepared | None:
+        from .sources import BadRecord
+
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + p)
         if record is None:
-            record = self.records[self.record_index(p)]
-        if record is None:  # a source that marks bad records with None has counted them
-            return None
+            try:
+                record = self.records[self.record_index(p)]
+            except BadRecord as bad:  # unreadable image, empty caption: counted, never fatal
+                skips.add(bad.reason, bad.key)
+                return None
         pixels = self.transform(record.image, generator=g)
         if pixels is None:
-            self.skips.add("too_small", record.key)
+            skips.add("too_small", record.key)
             return None
         caption = record.captions[int(torch.randint(len(record.captions), (1,), generator=g))]
         ids = self.tokenizer.encode(caption)[: self.data.max_caption_tokens]
@@ -105,8 +117,13 @@ class ExampleSource(torch.utils.data.Dataset):
             ids = []
         return Prepared(p, record.key, pixels, ids, caption_first)
 
-    def __getitem__(self, g: int) -> list[Prepared]:
-        return [ex for p in self.positions(g) if (ex := self.prepare(p)) is not None]
+    def __getitem__(self, g: int) -> tuple[list[Prepared], "SkipStats"]:
+        """Batch g's examples, and the records skipped on the way (workers report them this way)."""
+        from .sources import SkipStats
+
+        skips = SkipStats()
+        examples = [ex for p in self.positions(g) if (ex := self.prepare(p, skips)) is not None]
+        return examples, skips
 
 
 def collate_batch(prepared: list[Prepared], encode, cfg: Config, specials: Specials) -> Batch:
@@ -124,20 +141,39 @@ def collate_batch(prepared: list[Prepared], encode, cfg: Config, specials: Speci
 
 
 class BatchStream:
-    """Iterates training batches from batch index ``start``; ``next_index`` is what a checkpoint keeps."""
+    """Iterates training batches from batch index ``start``; ``next_index`` is what a checkpoint keeps.
 
-    def __init__(self, source: ExampleSource, encode, cfg: Config, specials: Specials, start: int = 0):
+    Skipped records are summed here (from the workers) and reported once per epoch of the source.
+    """
+
+    def __init__(self, source: ExampleSource, encode, cfg: Config, specials: Specials, start: int = 0,
+                 report=print):
+        from .sources import SkipStats
+
         self.source, self.encode, self.cfg, self.specials = source, encode, cfg, specials
         self.next_index = start
+        self.skips = SkipStats()
+        self.skips.merge(source.skips)
+        self.report = report
+        self.epoch = self._epoch_of(start)
         workers = cfg.data.num_workers
         self.loader = torch.utils.data.DataLoader(
             source, batch_size=None, sampler=_Counter(start), num_workers=workers,
             collate_fn=lambda x: x, persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
         self._it = iter(self.loader)
 
+    def _epoch_of(self, g: int) -> int:
+        return self.source.positions(g).start // max(len(self.source.records), 1)
+
     def __next__(self) -> Batch:
-        prepared = next(self._it)
+        prepared, skips = next(self._it)
+        self.skips.merge(skips)
         self.next_index += 1
+        epoch = self._epoch_of(self.next_index)
+        if epoch > self.epoch:
+            self.epoch = epoch
+            if self.skips.total:
+                self.report(f"epoch {epoch - 1} of the data: {self.skips.report()}")
         return collate_batch(prepared, self.encode, self.cfg, self.specials)
 
     def __iter__(self):
@@ -153,3 +189,149 @@ class _Counter(torch.utils.data.Sampler):
         while True:
             yield i
             i += 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer, codec and held-out pairs for a run
+# --------------------------------------------------------------------------------------------------
+def prepare_tokenizer(cfg: Config):
+    from .tokenizer import build_tokenizer
+
+    return build_tokenizer(cfg.data.tokenizer)
+
+
+def _cache_root(cfg: Config) -> Path:
+    root = cfg.codec.cache_dir
+    if root == CodecConfig.cache_dir and os.environ.get("TRANSFUSION_MOT_CACHE"):
+        root = os.environ["TRANSFUSION_MOT_CACHE"]
+    return Path(root).expanduser()
+
+
+def _records_name(records) -> str:
+    return getattr(records, "name", type(records).__name__)
+
+
+def vae_key(cfg: Config, records) -> str:
+    """Cache key of the small VAE trained for this data: what it was trained on and how."""
+    c = cfg.codec
+    spec = json.dumps([_records_name(records), cfg.data.resolution, c.vae_steps, c.vae_latent_channels,
+                       list(c.vae_channels), cfg.train.seed])
+    return "vae-" + hashlib.sha1(spec.encode()).hexdigest()[:12]
+
+
+def _vae_images(records, resolution: int, batch_size: int = 16, seed: int = 0):
+    """``images(step)`` for VAE training: centre-cropped pixels of records, skipping bad ones."""
+    from .sources import BadRecord, ImageTransform
+
+    tf = ImageTransform(resolution, crop="center")
+    n = len(records)
+
+    def images(step: int) -> torch.Tensor:
+        out, i = [], step * batch_size
+        while len(out) < batch_size:
+            try:
+                px = tf(records[(i * 7919 + seed) % n].image)
+            except BadRecord:
+                px = None
+            if px is not None:
+                out.append(px)
+            i += 1
+        return torch.stack(out)
+
+    return images
+
+
+def train_codec_for(cfg: Config, out: Path | None = None) -> Path:
+    """Train (or reuse from the cache) the small AutoencoderKL for ``cfg.data``; returns its folder."""
+    from .vae_train import get_or_train_vae, train_vae
+
+    records = build_records(cfg.data, "train")
+    c = cfg.codec
+    kwargs = dict(resolution=cfg.data.resolution, steps=c.vae_steps, channels=tuple(c.vae_channels),
+                  latent_channels=c.vae_latent_channels, seed=cfg.train.seed, name=_records_name(records))
+    images = _vae_images(records, cfg.data.resolution, seed=cfg.train.seed)
+    if out is not None:
+        return train_vae(images, Path(out), **kwargs)
+    return get_or_train_vae(vae_key(cfg, records), images, _cache_root(cfg), **kwargs)
+
+
+def check_codec(codec, cfg: Config) -> None:
+    """The model's latent shape must be what the codec produces at the data resolution."""
+    size = cfg.data.resolution // codec.downsample
+    if codec.latent_channels != cfg.model.latent_channels or size != cfg.model.latent_size:
+        raise ValueError(
+            f"codec gives {codec.latent_channels}x{size}x{size} latents at data.resolution={cfg.data.resolution} "
+            f"but the model expects model.latent_channels={cfg.model.latent_channels}, "
+            f"model.latent_size={cfg.model.latent_size}")
+
+
+def prepare_codec(cfg: Config, run_dir: Path, accelerator=None):
+    """The run's codec (a trained VAE is copied into ``run_dir/vae`` so the run is self-contained)
+    and ``encode(keys, pixels) -> latents`` with the on-disk latent cache when enabled."""
+    from .codec import load_codec
+    from .latent_cache import CachedEncoder, LatentCache
+
+    main = accelerator is None or accelerator.is_main_process
+    if cfg.codec.kind == "trained":
+        local = run_dir / "vae"
+        if not (local / "codec.json").exists():
+            ctx = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
+            with ctx:
+                src = Path(cfg.codec.path) if cfg.codec.path else train_codec_for(cfg)
+            if main and not (local / "codec.json").exists():
+                tmp = run_dir / "vae.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src, tmp)
+                os.replace(tmp, local)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
+        codec = load_codec(replace(cfg.codec, path=str(local)))
+    else:
+        codec = load_codec(cfg.codec)
+    check_codec(codec, cfg)
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    codec = codec.to(device).eval()
+    cache = None
+    if cfg.data.cache_latents and cfg.data.crop == "center":  # random crops change every epoch
+        records_name = _records_name(build_records(cfg.data, "train"))
+        cache = LatentCache(_cache_root(cfg) / "latents", records_name, codec.name, cfg.data.resolution)
+    return codec, CachedEncoder(codec, cache)
+
+
+def load_run_codec(cfg: Config, run_dir: Path):
+    """The codec a finished run used (its own ``vae/`` copy for trained VAEs)."""
+    from .codec import load_codec
+
+    if cfg.codec.kind == "trained":
+        local = Path(run_dir) / "vae"
+        path = local if local.exists() else Path(cfg.codec.path)
+        return load_codec(replace(cfg.codec, path=str(path)))
+    return load_codec(cfg.codec)
+
+
+@torch.no_grad()
+def encode_records(records, cfg: Config, tokenizer, codec, n: int, batch_size: int = 32) -> list:
+    """The first ``n`` good records as held-out ``Pair``s: centre crop, first caption, clean latents."""
+    from ..metrics.validation import Pair
+    from .sources import BadRecord, ImageTransform
+
+    tf = ImageTransform(cfg.data.resolution, crop="center")
+    pixels, ids = [], []
+    for i in range(len(records)):
+        if len(pixels) == n:
+            break
+        try:
+            rec = records[i]
+        except BadRecord:
+            continue
+        px = tf(rec.image)
+        if px is None or not rec.captions:
+            continue
+        pixels.append(px)
+        ids.append(tokenizer.encode(rec.captions[0])[: cfg.data.max_caption_tokens])
+    if not pixels:
+        raise ValueError(f"no usable held-out records in {_records_name(records)}")
+    device = next(codec.parameters()).device
+    latents = torch.cat([codec.encode(torch.stack(pixels[i:i + batch_size]).to(device)).float().cpu()
+                         for i in range(0, len(pixels), batch_size)])
+    return [Pair(lat, x) for lat, x in zip(latents, ids)]

@@ -1,0 +1,443 @@
+"""Real captioned-image sources, the image transform, and the accounting of skipped records (DESIGN §4).
+
+Every source is a map-style dataset of ``Record`` (raw PIL image + captions), so data order is a pure
+function of the index and a run resumes exactly. Problems found while indexing (a metadata line naming
+a missing file, a malformed line) are counted in ``source.skips``; problems found while reading one
+record (unreadable image, empty caption) raise ``BadRecord``, which the pipeline counts and skips.
+A run never dies on one bad record.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+from .segments import Record
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGEFOLDER_FILES = ("metadata.jsonl", "captions.csv", "captions.txt")
+SOURCE_KINDS = ("imagefolder", "coco", "webdataset", "hf")
+
+
+class BadRecord(Exception):
+    """One record cannot be used; ``reason`` is the SkipStats bucket ("unreadable", "empty_caption")."""
+
+    def __init__(self, key: str, reason: str, detail: str = ""):
+        super().__init__(f"{key}: {reason}" + (f" ({detail})" if detail else ""))
+        self.key, self.reason, self.detail = key, reason, detail
+
+
+@dataclass
+class SkipStats:
+    """Counts of skipped records by reason, with a few example keys so a report points at real files."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    max_examples: int = 3
+
+    def add(self, reason: str, key: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        keys = self.examples.setdefault(reason, [])
+        if len(keys) < self.max_examples:
+            keys.append(str(key))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def merge(self, other: "SkipStats") -> "SkipStats":
+        """Fold another worker's or epoch's counts into this one (in place; returns self)."""
+        for reason, n in other.counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + n
+            keys = self.examples.setdefault(reason, [])
+            keys.extend(k for k in other.examples.get(reason, []) if len(keys) < self.max_examples and k not in keys)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "counts": dict(self.counts), "examples": {k: list(v) for k, v in self.examples.items()}}
+
+    def report(self) -> str:
+        """One line for the end-of-epoch log, e.g. ``skipped 2 records: 1 unreadable (e.g. bad.jpg), ...``."""
+        if not self.total:
+            return "skipped 0 records"
+        parts = [f"{n} {reason} (e.g. {', '.join(self.examples.get(reason, []))})" for reason, n in self.counts.items()]
+        return f"skipped {self.total} record{'s' if self.total != 1 else ''}: " + ", ".join(parts)
+
+
+class ImageTransform:
+    """PIL image -> (3, R, R) float tensor in [0, 1]: RGB, short side resized to R, centre or random crop.
+
+    Images whose short side is below ``min_side`` return None. The default, R // 2 + 1, skips anything
+    that would need 2x upsampling or more (an 8x8 image at R=16): such images teach the model blur. The random crop draws from the given generator, so the pipeline's
+    per-position generator makes crops reproducible.
+    """
+
+    def __init__(self, resolution: int, crop: str = "center", min_side: int | None = None):
+        if resolution <= 0:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        if crop not in ("center", "random"):
+            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        self.resolution, self.crop = resolution, crop
+        self.min_side = resolution // 2 + 1 if min_side is None else min_side
+
+    def __call__(self, image: PILImage.Image, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        image = image.convert("RGB")
+        w, h = image.size
+        if min(w, h) < self.min_side:
+            return None
+        r = self.resolution
+        scale = r / min(w, h)
+        new_w, new_h = max(r, round(w * scale)), max(r, round(h * scale))
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), PILImage.Resampling.BICUBIC)  # PIL antialiases when shrinking
+        if self.crop == "center":
+            left, top = (new_w - r) // 2, (new_h - r) // 2
+        else:
+            left = int(torch.randint(new_w - r + 1, (1,), generator=generator))
+            top = int(torch.randint(new_h - r + 1, (1,), generator=generator))
+        image = image.crop((left, top, left + r, top + r))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (R, R, 3)
+        return pixels.permute(2, 0, 1).float().div_(255.0)  # (3, R, R)
+
+
+def open_image(data: bytes | str | Path, key: str) -> PILImage.Image:
+    """Decode fully now (not lazily), so a truncated or corrupt file raises here as ``BadRecord``."""
+    try:
+        with PILImage.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError) as e:
+        raise BadRecord(key, "unreadable", str(e)) from e
+
+
+def clean_captions(captions: Any, key: str) -> list[str]:
+    """Strip captions and drop empty ones; no caption left is a ``BadRecord``."""
+    if isinstance(captions, str):
+        captions = [captions]
+    kept = [c.strip() for c in captions or [] if isinstance(c, str) and c.strip()]
+    if not kept:
+        raise BadRecord(key, "empty_caption")
+    return kept
+
+
+def _require_path(path: str | Path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not str(path) or not p.exists():
+        raise FileNotFoundError(f"{what} not found: {str(path)!r}")
+    return p.resolve()
+
+
+class ImageFolderSource(torch.utils.data.Dataset):
+    """A folder of images with ``metadata.jsonl``, ``captions.csv`` or the Flickr8k ``captions.txt``.
+
+    Several lines / rows for one image become several captions of one record.
+    """
+
+    def __init__(self, root: str | Path, captions_file: str | Path | None = None, text_column: str = "text"):
+        self.root = _require_path(root, "image folder")
+        self.text_column = text_column
+        self.skips = SkipStats()
+        self.captions_path = self._find_captions(captions_file)
+        self.name = f"imagefolder:{self.captions_path}"
+        if self.captions_path.suffix == ".jsonl":
+            entries = self._read_jsonl(self.captions_path)
+        else:
+            entries = self._read_csv(self.captions_path)
+        self.items: list[tuple[str, list[str]]] = []
+        for file_name, captions in entries.items():
+            if (self.root / file_name).is_file():
+                self.items.append((file_name, captions))
+            else:
+                self.skips.add("missing_file", file_name)
+
+    def _find_captions(self, captions_file: str | Path | None) -> Path:
+        if captions_file:
+            p = Path(captions_file)
+            return _require_path(p if p.is_absolute() else self.root / p, "captions file")
+        for name in IMAGEFOLDER_FILES:
+            if (self.root / name).is_file():
+                return self.root / name
+        raise FileNotFoundError(f"no captions file in image folder {self.root}: expected one of "
+                                f"{', '.join(IMAGEFOLDER_FILES)} (or pass captions=<file>)")
+
+    def _text_keys(self) -> list[str]:
+        return list(dict.fromkeys([self.text_column, "text", "caption"]))
+
+    def _read_jsonl(self, path: Path) -> dict[str, list[str]]:
+        entries: dict[str, list[str]] = defaultdict(list)
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    file_name = row["file_name"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    self.skips.add("malformed_line", f"{path.name}:{lineno}")
+                    continue
+                text = next((row[k] for k in self._text_keys() if k in row), "")
+                entries[file_name].extend([text] if isinstance(text, str) else list(text or []))
+        return entries
+
+    def _read_csv(self, path: Path) -> dict[str, list[str]]:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            image_col = next((c for c in ("file_name", "image") if c in columns), None)
+            text_col = next((c for c in self._text_keys() if c in columns), None)
+            if image_col is None or text_col is None:
+                raise ValueError(f"{path}: needs an image column (file_name or image) and a caption column "
+                                 f"({' or '.join(self._text_keys())}); found columns {columns}")
+            entries: dict[str, list[str]] = defaultdict(list)
+            for row in reader:
+                entries[row[image_col]].append(row[text_col] or "")
+        return entries
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Record:
+        file_name, captions = self.items[i]
+        captions = clean_captions(captions, file_name)
+        return Record(open_image(self.root / file_name, file_name), captions, key=file_name)
+
+
+class CocoSource(torch.utils.data.Dataset):
+    """COCO captions json (``images`` + ``annotations``); images in ``image_dir`` (default: beside it)."""
+
+    def __init__(self, json_path: str | Path, image_dir: str | Path | None = None):
+        self.json_path = _require_path(json_path, "COCO captions json")
+        self.image_dir = _require_path(image_dir, "COCO image folder") if image_dir else self.json_path.parent
+        self.name = f"coco:{self.json_path}:{self.image_dir}"
+        self.skips = SkipStats()
+        with open(self.json_path, encoding="utf-8") as f:
+            data = json.load(f)
+        missing = [k for k in ("images", "annotations") if k not in data]
+        if missing:
+            raise ValueError(f"{self.json_path}: not a COCO captions json, missing key(s) {missing}")
+        captions: dict[int, list[str]] = defaultdict(list)
+        for ann in data["annotations"]:
+            captions[ann["image_id"]].append(ann.get("caption", ""))
+        self.items: list[tuple[str, int, list[str]]] = []
+        for img in data["images"]:
+            if (self.image_dir / img["file_name"]).is_file():
+                self.items.append((img["file_name"], img["id"], captions.get(img["id"], [])))
+            else:
+                self.skips.add("missing_file", img["file_name"])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Record:
+        file_name, image_id, captions = self.items[i]
+        captions = clean_captions(captions, file_name)
+        return Record(open_image(self.image_dir / file_name, file_name), captions, key=file_name,
+                      meta={"image_id": image_id})
+
+
+def expand_shards(pattern: str | Path) -> list[Path]:
+    """A folder (its ``*.tar``), a glob, or a brace pattern ``shard-{000..009}.tar`` -> sorted shard paths."""
+    from braceexpand import braceexpand
+
+    p = Path(pattern).expanduser()
+    if p.is_dir():
+        shards = sorted(p.glob("*.tar"))
+    else:
+        shards = []
+        for expanded in braceexpand(str(pattern)):
+            e = Path(expanded).expanduser()
+            shards.extend(sorted(e.parent.glob(e.name)) if any(c in e.name for c in "*?[") else [e])
+        missing = [s for s in shards if not s.is_file()]
+        if missing:
+            raise FileNotFoundError(f"webdataset shard(s) not found for {str(pattern)!r}: {[str(m) for m in missing[:5]]}")
+    if not shards:
+        raise FileNotFoundError(f"no webdataset shards (*.tar) match {str(pattern)!r}")
+    return [s.resolve() for s in shards]
+
+
+@dataclass
+class _Member:
+    shard: int
+    offset: int  # byte offset of the member's data in the shard file
+    size: int
+
+
+class WebDatasetSource(torch.utils.data.Dataset):
+    """Tar shards in the img2dataset / CC12M layout: ``key.jpg`` + ``key.txt`` or ``key.json`` ("caption").
+
+    The shards' tar headers are read once into an index of byte offsets, so the dataset is map-style:
+    record i is always the same sample, and reading it is one seek per member.
+    """
+
+    def __init__(self, pattern: str | Path):
+        self.shards = expand_shards(pattern)
+        self.name = f"webdataset:{self.shards[0]}" + (f"..{self.shards[-1].name}" if len(self.shards) > 1 else "")
+        self.skips = SkipStats()
+        self.items: list[tuple[str, dict[str, _Member]]] = []
+        for s, shard in enumerate(self.shards):
+            self._index(s, shard)
+
+    def _index(self, s: int, shard: Path) -> None:
+        samples: dict[str, dict[str, _Member]] = {}
+        try:
+            with tarfile.open(shard, mode="r:") as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    folder, _, base = m.name.rpartition("/")
+                    stem, dot, ext = base.partition(".")
+                    if not dot:
+                        continue
+                    key = f"{folder}/{stem}" if folder else stem
+                    samples.setdefault(key, {})[ext.lower()] = _Member(s, m.offset_data, m.size)
+        except tarfile.TarError as e:  # a truncated shard keeps what was indexed before the damage
+            self.skips.add("bad_shard", f"{shard.name} ({e})")
+        for key, members in samples.items():
+            if any(ext in members for ext in IMAGE_EXTS):
+                self.items.append((f"{shard.stem}/{key}", members))
+            else:
+                self.skips.add("no_image", f"{shard.stem}/{key}")
+
+    def _read(self, member: _Member) -> bytes:
+        with open(self.shards[member.shard], "rb") as f:  # opened per read: safe in forked workers
+            f.seek(member.offset)
+            return f.read(member.size)
+
+    def _captions(self, key: str, members: dict[str, _Member]) -> tuple[list[str], dict]:
+        meta: dict = {}
+        if "json" in members:
+            try:
+                meta = json.loads(self._read(members["json"]))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BadRecord(key, "unreadable", f"bad json: {e}") from e
+        if "txt" in members:
+            return [self._read(members["txt"]).decode("utf-8", errors="replace")], meta
+        return [meta.get("caption") or ""] if isinstance(meta, dict) else [], meta
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Record:
+        key, members = self.items[i]
+        captions, meta = self._captions(key, members)
+        captions = clean_captions(captions, key)
+        image_ext = next(ext for ext in IMAGE_EXTS if ext in members)
+        return Record(open_image(self._read(members[image_ext]), key), captions, key=key,
+                      meta=meta if isinstance(meta, dict) else {})
+
+
+class HFSource(torch.utils.data.Dataset):
+    """Any Hugging Face ``datasets`` dataset with an image column and a text column.
+
+    A local folder is read with ``load_from_disk``; anything else goes to ``load_dataset`` (offline
+    unless the user allows the hub). Images are decoded here, not by ``datasets``, so a corrupt image
+    becomes a counted ``BadRecord`` instead of an exception deep inside the library.
+    """
+
+    def __init__(self, path_or_name: str | Path, split: str = "train", image_column: str = "image",
+                 text_column: str = "text"):
+        import datasets
+
+        self.split, self.image_column, self.text_column = split, image_column, text_column
+        self.skips = SkipStats()
+        local = Path(path_or_name).expanduser()
+        if local.exists():
+            ds = datasets.load_from_disk(str(local))
+            ident = str(local.resolve())
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"{local}: no split {split!r}; available splits {list(ds)}")
+                ds = ds[split]
+        else:
+            try:
+                ds = datasets.load_dataset(str(path_or_name), split=split)
+            except Exception as e:  # offline, unknown name, no such split: all mean "cannot use this"
+                raise FileNotFoundError(f"Hugging Face dataset {str(path_or_name)!r} is not a local folder and could "
+                                        f"not be loaded with load_dataset (split {split!r}): {e}") from e
+            ident = str(path_or_name)
+        for col, what in ((image_column, "image_column"), (text_column, "text_column")):
+            if col not in ds.column_names:
+                raise ValueError(f"{ident}: {what} {col!r} not in the dataset; available columns {ds.column_names}")
+        if isinstance(ds.features[image_column], datasets.Image):
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        self.dataset = ds
+        self.name = f"hf:{ident}:{split}"
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Record:
+        row = self.dataset[i]
+        key = f"{self.split}/{i}"
+        captions = clean_captions(row[self.text_column], key)
+        value = row[self.image_column]
+        if isinstance(value, PILImage.Image):
+            image = value.convert("RGB")
+        elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+            image = open_image(value.get("bytes") or value["path"], key)
+        elif isinstance(value, str):
+            image = open_image(value, key)
+        else:
+            raise BadRecord(key, "unreadable", f"no image in column {self.image_column!r}")
+        return Record(image, captions, key=key)
+
+
+def _coco_json(path: Path, captions: str) -> tuple[Path, Path | None]:
+    """(json, image_dir) for ``coco``: path is the json itself, or the image folder with captions=json."""
+    if path.is_file():
+        return path, None
+    if captions:
+        c = Path(captions)
+        return _require_path(c if c.is_absolute() or c.exists() else path / c, "COCO captions json"), path
+    found = sorted(path.glob("captions_*.json"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{path}: expected exactly one captions_*.json (found {[f.name for f in found]}); "
+                                "pass data.captions=<json>")
+    return found[0], path
+
+
+def build_source(kind: str, path: str | Path, captions: str = "", image_column: str = "image",
+                 text_column: str = "text", resolution: int = 64) -> torch.utils.data.Dataset:
+    """The configured real source. ``resolution`` is accepted for symmetry with shapes; sources return
+    raw images and ``ImageTransform`` resizes them."""
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"unknown data source {kind!r}; choose one of {', '.join(SOURCE_KINDS)} (or shapes)")
+    if kind == "hf":
+        return HFSource(path, image_column=image_column, text_column=text_column)
+    if kind == "webdataset":
+        return WebDatasetSource(path)
+    root = _require_path(path, f"{kind} data path")
+    if kind == "imagefolder":
+        return ImageFolderSource(root, captions_file=captions or None, text_column=text_column)
+    json_path, image_dir = _coco_json(root, captions)
+    return CocoSource(json_path, image_dir)
+
+
+def read_all(source, transform: ImageTransform, limit: int | None = None) -> tuple[list[Record], SkipStats]:
+    """Every usable record with ``image`` replaced by its (3, R, R) tensor, and what was skipped and why.
+
+    The stats include the source's own indexing skips, so one report covers the whole data set.
+    """
+    skips = SkipStats().merge(getattr(source, "skips", SkipStats()))
+    out: list[Record] = []
+    n = len(source) if limit is None else min(limit, len(source))
+    for i in range(n):
+        try:
+            record = source[i]
+        except BadRecord as bad:
+            skips.add(bad.reason, bad.key)
+            continue
+        pixels = transform(record.image)
+        if pixels is None:
+            skips.add("too_small", record.key)
+            continue
+        out.append(replace(record, image=pixels))
+    return out, skips
