@@ -9,7 +9,7 @@ import pytest
 
 _TMP = Path(tempfile.mkdtemp(prefix="tfm-tests-"))
 for var, sub in (("TORCH_HOME", "torch"), ("MPLCONFIGDIR", "mpl"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
-                 ("HF_HOME", "hf")):
+                 ("HF_HOME", "hf"), ("TRANSFUSION_MOT_CACHE", "cache")):
     os.environ.setdefault(var, str(_TMP / sub))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -26,3 +26,20 @@ def assets_dir() -> Path:
     if not (ASSETS / "MANIFEST.md").exists():
         pytest.skip(f"shared assets not found at {ASSETS} (set TFM_ASSETS to their folder)")
     return ASSETS
+
+
+def debug_overrides(out_dir, *extra: str) -> list[str]:
+    """The debug config, quick: what the training, CLI and eval tests run."""
+    return [f"train.out_dir={out_dir}", "train.ema_decay=0", "eval.n_prompts=4", "eval.val_examples=8",
+            "eval.sample_steps=2", *extra]
+
+
+@pytest.fixture(scope="session")
+def debug_run(tmp_path_factory) -> Path:
+    """One finished debug run (trained, exported, evaluated) shared by the generation and eval tests."""
+    from transfusion_mot.config import load_config
+    from transfusion_mot.train import train
+
+    out = tmp_path_factory.mktemp("debug_run")
+    cfg = load_config(str(REPO / "configs" / "debug.yaml"), debug_overrides(out, "train.steps=12"))
+    return train(cfg)

@@ -121,6 +121,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     upcycle_from: str = ""  # a dense run dir whose weights initialise every MoT group
+    stop_after: int = 0  # end this invocation at this step (saved; resume later); the schedule spans `steps`
 
 
 @dataclass

@@ -20,7 +20,7 @@ def held_out_prompts(cfg: Config, n: int) -> list[str]:
     if cfg.data.source == "shapes":
         from .data.shapes import held_out_prompts as shapes_prompts
 
-        return shapes_prompts(n, split="test")
+        return shapes_prompts(n, split="test", max_shapes=cfg.data.shapes_max_shapes)
     from .data.pipeline import build_records
 
     records = build_records(cfg.data, "val")
@@ -105,7 +105,8 @@ class Evaluator:
             if self.cfg.data.source == "shapes":
                 from .data.shapes import chance_score
 
-                grid["prompt_following_chance"] = chance_score()
+                grid["prompt_following_chance"] = chance_score(resolution=self.cfg.data.resolution,
+                                                               max_shapes=self.cfg.data.shapes_max_shapes)
             records = log.read()
             train_last = [r for r in records if "loss_lm" in r][-1]
             results = {"step": train_last["step"], **{k: train_last[k] for k in ("loss_lm", "loss_flow")},

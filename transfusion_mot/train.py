@@ -195,10 +195,12 @@ def train(cfg: Config, evaluate_at_end: bool = True) -> Path:
             log.write({"step": state.step, **evaluator.validation(_eval_model(ema, model, accelerator))})
         if cfg.train.sample_every and state.step % cfg.train.sample_every == 0 and state.step < cfg.train.steps:
             evaluator.sample_grid(_eval_model(ema, model, accelerator), tag=f"step{state.step:06d}", quick=True)
-        if stop_signal["hit"] or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
+        pause = stop_signal["hit"] or (cfg.train.stop_after and state.step >= cfg.train.stop_after)
+        if pause or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
             save_checkpoint(accelerator, run_dir, state.step, cfg, keep=cfg.train.keep_checkpoints)
-        if stop_signal["hit"]:
-            accelerator.print(f"SIGTERM: saved step {state.step} and stopped; continue with train.resume=auto")
+        if pause and state.step < cfg.train.steps:
+            why = "SIGTERM" if stop_signal["hit"] else f"train.stop_after={cfg.train.stop_after}"
+            accelerator.print(f"{why}: saved step {state.step} and stopped; continue with train.resume=auto")
             bar.close()
             accelerator.end_training()
             return run_dir

@@ -63,7 +63,8 @@ class SkipStats:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "counts": dict(self.counts), "examples": {k: list(v) for k, v in self.examples.items()}}
+        examples = {reason: list(keys) for reason, keys in self.examples.items()}
+        return {"total": self.total, "counts": dict(self.counts), "examples": examples}
 
     def report(self) -> str:
         """One line for the end-of-epoch log, e.g. ``skipped 2 records: 1 unreadable (e.g. bad.jpg), ...``."""
@@ -77,8 +78,9 @@ class ImageTransform:
     """PIL image -> (3, R, R) float tensor in [0, 1]: RGB, short side resized to R, centre or random crop.
 
     Images whose short side is below ``min_side`` return None. The default, R // 2 + 1, skips anything
-    that would need 2x upsampling or more (an 8x8 image at R=16): such images teach the model blur. The random crop draws from the given generator, so the pipeline's
-    per-position generator makes crops reproducible.
+    that would need 2x upsampling or more (an 8x8 image at R=16): such images teach the model blur.
+    The random crop draws from the given generator, so the pipeline's per-position generator makes crops
+    reproducible.
     """
 
     def __init__(self, resolution: int, crop: str = "center", min_side: int | None = None):
@@ -105,8 +107,9 @@ class ImageTransform:
             left = int(torch.randint(new_w - r + 1, (1,), generator=generator))
             top = int(torch.randint(new_h - r + 1, (1,), generator=generator))
         image = image.crop((left, top, left + r, top + r))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (R, R, 3)
-        return pixels.permute(2, 0, 1).float().div_(255.0)  # (3, R, R)
+        # numpy, not torch: this runs per image in loader workers, where torch's thread pool only adds overhead
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)  # (3, R, R)
+        return torch.from_numpy(np.ascontiguousarray(pixels))
 
 
 def open_image(data: bytes | str | Path, key: str) -> PILImage.Image:
@@ -257,7 +260,8 @@ def expand_shards(pattern: str | Path) -> list[Path]:
             shards.extend(sorted(e.parent.glob(e.name)) if any(c in e.name for c in "*?[") else [e])
         missing = [s for s in shards if not s.is_file()]
         if missing:
-            raise FileNotFoundError(f"webdataset shard(s) not found for {str(pattern)!r}: {[str(m) for m in missing[:5]]}")
+            raise FileNotFoundError(f"webdataset shard(s) not found for {str(pattern)!r}: "
+                                    f"{[str(m) for m in missing[:5]]}")
     if not shards:
         raise FileNotFoundError(f"no webdataset shards (*.tar) match {str(pattern)!r}")
     return [s.resolve() for s in shards]

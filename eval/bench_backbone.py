@@ -1,0 +1,245 @@
+"""Backbone step time: MoT vs dense at equal FLOPs per token, and dense vs a plain PyTorch floor.
+
+One forward+backward step of the backbone alone (no embeddings or heads) on a packed batch of
+caption->image documents with as many text tokens as image patches. Three models per size:
+
+* ``mot``   - transfusion_mot's Backbone with one weight group per modality,
+* ``dense`` - the same code with one group (same shape, same FLOPs per token),
+* ``floor`` - a plain pre-norm transformer written below (fused QKV, RoPE, SDPA with the same boolean
+  mask, SwiGLU of the same hidden size): what the dense step should cost without our abstractions.
+
+The three models run interleaved inside every repetition (the order rotates) so that drift in a
+shared machine's speed hits all of them alike; the reported numbers are medians after warm-up.
+Goals (issue 4): MoT/dense <= 1.10 and dense/floor <= 1.15. A failed goal adds a profile of the
+slowest ops of each model to the markdown.
+
+    python eval/bench_backbone.py [--sizes debug small] [--reps 15] [--warmup 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from transfusion_mot.config import load_config
+from transfusion_mot.data.packing import IMAGE, Specials, pack
+from transfusion_mot.data.segments import Image, Text
+from transfusion_mot.model.layers import ffn_hidden_dim
+from transfusion_mot.model.masks import mask_from_batch
+from transfusion_mot.model.mot import Backbone
+from transfusion_mot.model.transfusion import backbone_config
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SPECIALS = Specials(bos=256, eos=257, pad=258, boi=259, eoi=260)
+GOALS = {"mot_over_dense": 1.10, "dense_over_floor": 1.15}
+ROWS = {"debug": 8, "small": 2}  # batch rows per size: small at 2 rows keeps a run to minutes on 2 cores
+
+
+# ---------------------------------------------------------------- the floor: a plain transformer
+class FloorBlock(nn.Module):
+    """Pre-norm block, written as plainly as PyTorch allows."""
+
+    def __init__(self, dim: int, n_heads: int, hidden: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.attn_norm = nn.Parameter(torch.ones(dim))
+        self.ffn_norm = nn.Parameter(torch.ones(dim))
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = F.rms_norm(x, (d,), self.attn_norm, 1e-6)
+        q, k, v = self.qkv(h).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(a)
+        gate, up = self.w13(F.rms_norm(x, (d,), self.ffn_norm, 1e-6)).chunk(2, dim=-1)
+        return x + self.w2(F.silu(gate) * up)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on (B, H, T, hd), halves convention; cos/sin (B, 1, T, hd/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Floor(nn.Module):
+    def __init__(self, dim: int, n_layers: int, n_heads: int, hidden: int, theta: float = 10000.0):
+        super().__init__()
+        hd = dim // n_heads
+        self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd), persistent=False)
+        self.blocks = nn.ModuleList(FloorBlock(dim, n_heads, hidden) for _ in range(n_layers))
+        self.norm = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x, modality, position, mask) -> torch.Tensor:
+        angles = position.float()[..., None] * self.inv_freq  # (B, T, hd/2)
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)
+        return F.rms_norm(x, (x.shape[-1],), self.norm, 1e-6)
+
+
+# ---------------------------------------------------------------- models, batch, one step
+def build(size: str, norm_placement: str) -> tuple[dict[str, nn.Module], object]:
+    """The three models of one size, and its config."""
+    models = {}
+    for arch in ("mot", "dense"):
+        cfg = load_config(None, [f"model.size={size}", f"model.arch={arch}", f"model.norm_placement={norm_placement}"])
+        models[arch] = Backbone(backbone_config(cfg.model))
+    m = cfg.model
+    models["floor"] = Floor(m.dim, m.n_layers, m.n_heads, m.ffn_dim or ffn_hidden_dim(m.dim), m.rope_theta)
+    return models, cfg
+
+
+def half_image_batch(cfg, rows: int, seq_len: int, seed: int = 0):
+    """Caption->image documents whose captions make text tokens equal image patches."""
+    m = cfg.model
+    n_patches = (m.latent_size // m.patch_size) ** 2
+    caption = n_patches - 4  # BOS, BOI, EOI, EOS are text tokens too
+    doc_len = 2 * n_patches
+    if caption < 1 or doc_len > seq_len:
+        raise ValueError(f"size {m.size}: a 50/50 document needs {doc_len} tokens, seq_len={seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    docs = [[Text(torch.randint(0, 256, (caption,), generator=g).tolist()),
+             Image(torch.randn(m.latent_channels, m.latent_size, m.latent_size, generator=g))]
+            for _ in range(rows * (seq_len // doc_len))]
+    return pack(docs, seq_len, SPECIALS, patch_size=m.patch_size, n_rows=rows)
+
+
+def step(model: nn.Module, x: torch.Tensor, batch, mask: torch.Tensor) -> float:
+    """Milliseconds of one forward + backward (gradients cleared first, as a train step does)."""
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    y = model(x, batch.modality, batch.position, mask)
+    y.float().pow(2).mean().backward()
+    return 1000.0 * (time.perf_counter() - start)
+
+
+def bench_size(size: str, reps: int, warmup: int, rows: int | None, seq_len: int | None,
+               norm_placement: str) -> dict:
+    torch.manual_seed(0)
+    models, cfg = build(size, norm_placement)
+    rows = rows or ROWS.get(size, cfg.data.batch_size)
+    seq_len = seq_len or cfg.data.seq_len
+    batch = half_image_batch(cfg, rows, seq_len)
+    mask = mask_from_batch(batch.doc_id, batch.image_id)
+    x = torch.randn(rows, seq_len, cfg.model.dim, requires_grad=True)
+    names = list(models)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(warmup + reps):
+        order = names[rep % 3:] + names[:rep % 3]  # rotate who goes first
+        for name in order:
+            ms = step(models[name], x, batch, mask)
+            if rep >= warmup:
+                times[name].append(ms)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    image_share = float((batch.modality == IMAGE).float().mean())
+    return {
+        "size": size, "rows": rows, "seq_len": seq_len, "dim": cfg.model.dim, "n_layers": cfg.model.n_layers,
+        "image_token_share": round(image_share, 4), "padding_share": round(float((batch.doc_id < 0).float().mean()), 4),
+        "median_ms": {n: round(v, 3) for n, v in med.items()},
+        "min_ms": {n: round(min(v), 3) for n, v in times.items()},
+        "mot_over_dense": round(med["mot"] / med["dense"], 4),
+        "dense_over_floor": round(med["dense"] / med["floor"], 4),
+        "_models": models, "_inputs": (x, batch, mask),
+    }
+
+
+# ---------------------------------------------------------------- profile (only when a goal fails)
+def profile(result: dict, top: int = 8) -> str:
+    """Slowest ops (self CPU time) of one step of each model, as markdown code blocks."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    x, batch, mask = result["_inputs"]
+    parts = []
+    for name, model in result["_models"].items():
+        step(model, x, batch, mask)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(model, x, batch, mask)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+        parts.append(f"**{result['size']} / {name}**\n```\n{table}\n```")
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------- report
+def machine() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": "cpu", "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "commit": commit,
+            "load_average_1m": round(os.getloadavg()[0], 2)}  # other jobs on the machine add noise
+
+
+def write(results: list[dict], info: dict, command: str, profiles: str, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    goals = {f"{r['size']}:{k}": {"value": r[k], "goal": f"<= {g}", "pass": r[k] <= g}
+             for r in results for k, g in GOALS.items()}
+    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
+    payload = {"benchmark": "bench_backbone", "command": command, "machine": info, "results": clean, "goals": goals}
+    (out / "bench_backbone.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+    lines = ["# Backbone step time: MoT vs dense vs a plain PyTorch floor", "",
+             f"Command: `{command}`  ", f"Commit: `{info['commit']}`  ",
+             f"Machine: {info['processor']}, {info['cpu_count']} CPUs ({info['torch_threads']} torch threads), "
+             f"torch {info['torch']}, device {info['device']}, 1-min load average at the end "
+             f"{info['load_average_1m']}", "",
+             "Forward + backward of the backbone alone, 50/50 text/image tokens (caption->image documents), "
+             "medians of the timed steps after warm-up, the three models interleaved in every repetition.", "",
+             "| size | batch x seq | MoT ms | dense ms | floor ms | MoT/dense | dense/floor |",
+             "|---|---|---|---|---|---|---|"]
+    for r in clean:
+        ms = r["median_ms"]
+        lines.append(f"| {r['size']} | {r['rows']} x {r['seq_len']} | {ms['mot']:.2f} | {ms['dense']:.2f} | "
+                     f"{ms['floor']:.2f} | {r['mot_over_dense']:.3f} | {r['dense_over_floor']:.3f} |")
+    lines += ["", "| goal | value | target | result |", "|---|---|---|---|"]
+    for name, g in goals.items():
+        lines.append(f"| {name} | {g['value']:.3f} | {g['goal']} | {'pass' if g['pass'] else 'FAIL'} |")
+    if profiles:
+        lines += ["", "## Profile (a goal failed)", "", profiles]
+    (out / "bench_backbone.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["debug", "small"])
+    p.add_argument("--reps", type=int, default=15, help="timed repetitions (medians over these)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rows", type=int, default=None, help=f"batch rows (default: {ROWS}, else data.batch_size)")
+    p.add_argument("--seq-len", type=int, default=None, help="default: data.seq_len")
+    p.add_argument("--norm-placement", default="pre", choices=["pre", "post"],
+                   help="MoT/dense norm placement; 'pre' matches the floor op for op")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.reps < 10:
+        p.error("--reps must be >= 10 (medians of at least 10 steps)")
+    command = "python eval/bench_backbone.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    results = []
+    for size in args.sizes:
+        r = bench_size(size, args.reps, args.warmup, args.rows, args.seq_len, args.norm_placement)
+        print(f"{size}: {r['median_ms']} MoT/dense={r['mot_over_dense']:.3f} dense/floor={r['dense_over_floor']:.3f}")
+        results.append(r)
+    failed = [r for r in results if any(r[k] > g for k, g in GOALS.items())]
+    profiles = "\n\n".join(profile(r) for r in failed)
+    write(results, machine(), command.strip(), profiles, args.out)
+    print(f"wrote {args.out / 'bench_backbone.json'} and .md")
+
+
+if __name__ == "__main__":
+    main()

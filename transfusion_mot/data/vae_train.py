@@ -1,0 +1,145 @@
+"""Train the project's own small ``AutoencoderKL`` (the default codec for shapes) in a few CPU minutes.
+
+The VAE downsamples 4x (three blocks, two downsamplings) to a few latent channels. After training
+we measure the latent mean/std on held-out batches and store ``shift = mean, scale = 1 / std`` in
+codec.json, so the flow sees unit-variance latents. Everything is written to a temporary folder and
+renamed into place, so a killed run never leaves a half VAE; a lock file makes racing processes
+(several ranks, two jobs) train once and share the result.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .codec import CODEC_JSON
+from .latent_cache import resolve_cache_dir
+
+ImageBatches = Callable[[int], torch.Tensor]  # step -> (B, 3, R, R) in [0, 1]
+
+KL_WEIGHT = 1e-6  # just enough to keep the posterior well-posed; reconstruction dominates
+EVAL_BATCHES = 4
+_EVAL_STEP0 = 10_000_000  # held-out batches are requested at steps the training loop never reaches
+
+
+def build_vae(channels: tuple[int, ...] = (32, 64, 64), latent_channels: int = 4, resolution: int = 64):
+    """A small AutoencoderKL: len(channels) blocks -> 2 ** (len(channels) - 1) downsampling, no attention."""
+    from diffusers import AutoencoderKL
+
+    groups = math.gcd(*channels, 8)  # few, wide groups: GroupNorm with 32 groups of 1 channel trains badly
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels), block_out_channels=tuple(channels),
+        layers_per_block=1, latent_channels=latent_channels, norm_num_groups=groups, sample_size=resolution,
+        mid_block_add_attention=False, force_upcast=False)
+
+
+def train_vae(images: ImageBatches, out_dir: str | Path, resolution: int, steps: int,
+              channels: tuple[int, ...] = (32, 64, 64), latent_channels: int = 4, batch_size: int = 16,
+              lr: float = 2e-3, seed: int = 0, name: str = "") -> Path:
+    """Train, measure latent statistics and PSNR, and write ``out_dir`` atomically; returns ``out_dir``."""
+    out_dir = Path(out_dir).expanduser()
+    if steps <= 0:
+        raise ValueError(f"vae steps must be positive, got {steps}")
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    vae = build_vae(channels, latent_channels, resolution).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    for step in range(steps):
+        x = _check_batch(images(step), resolution, step)[:batch_size] * 2 - 1  # (B, 3, R, R) in [-1, 1]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    vae.eval()
+    stats = measure(vae, [_check_batch(images(_EVAL_STEP0 + i), resolution, -1) for i in range(EVAL_BATCHES)])
+    meta = {"name": name, "scaling_factor": 1.0 / stats["latent_std"], "shift_factor": stats["latent_mean"],
+            **stats, "steps": steps, "resolution": resolution, "channels": list(channels),
+            "latent_channels": latent_channels, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "seconds": round(time.perf_counter() - start, 2)}
+    vae.register_to_config(scaling_factor=meta["scaling_factor"], shift_factor=meta["shift_factor"])
+    _write_atomically(vae, meta, out_dir)
+    return out_dir
+
+
+@torch.no_grad()
+def measure(vae, batches: list[torch.Tensor]) -> dict[str, float]:
+    """Held-out latent mean/std (posterior mode, as the codec encodes) and mean per-image PSNR in dB."""
+    latents, psnrs = [], []
+    for x in batches:
+        z = vae.encode(x * 2 - 1).latent_dist.mode()  # (B, C, h, w)
+        recon = ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
+        mse = (recon - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)  # (B,)
+        psnrs.append(-10 * torch.log10(mse))
+        latents.append(z)
+    z = torch.cat(latents)
+    return {"latent_mean": z.mean().item(), "latent_std": z.std().item(), "psnr": torch.cat(psnrs).mean().item()}
+
+
+def cached_vae_dir(cache_dir: str | Path, key: str) -> Path:
+    """Where the VAE for ``key`` lives: ``<cache_dir>/vae/<key>`` (cache_dir honours $TRANSFUSION_MOT_CACHE)."""
+    if not key or "/" in key or key.startswith("."):
+        raise ValueError(f"VAE cache key must be a plain, non-empty name, got {key!r}")
+    return resolve_cache_dir(cache_dir) / "vae" / key
+
+
+def get_or_train_vae(key: str, images: ImageBatches, cache_dir: str | Path, **train_kwargs) -> Path:
+    """Reuse the cached VAE for ``key`` when complete, else train it there (safe when processes race)."""
+    target = cached_vae_dir(cache_dir, key)
+    if (target / CODEC_JSON).is_file():
+        return target
+    with _file_lock(target.parent / f".{key}.lock"):
+        if (target / CODEC_JSON).is_file():  # another process trained it while we waited
+            return target
+        train_kwargs.setdefault("name", key)
+        return train_vae(images, target, **train_kwargs)
+
+
+def _check_batch(x: torch.Tensor, resolution: int, step: int) -> torch.Tensor:
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[-2:] != (resolution, resolution):
+        raise ValueError(f"images({step}) must return (B, 3, {resolution}, {resolution}) in [0, 1], "
+                         f"got shape {tuple(x.shape)}")
+    return x.float()
+
+
+def _write_atomically(vae, meta: dict, out_dir: Path) -> None:
+    """save_pretrained into a sibling temp dir, then rename it into place (replacing an older VAE there)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.new-"))
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    try:
+        vae.save_pretrained(tmp)
+        (tmp / CODEC_JSON).write_text(json.dumps(meta, indent=1))
+        if out_dir.exists():
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock: one process trains, the others wait and then reuse its VAE."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
