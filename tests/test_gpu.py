@@ -8,10 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import debug_model, mixed_batch
+from helpers import SPECIALS, debug_model, mixed_batch, mixed_examples
 from transfusion_mot import flow
 from transfusion_mot.components.optim import build_optimizer
+from transfusion_mot.data.packing import pack
 from transfusion_mot.model import Routing
+from transfusion_mot.model.masks import flex_block_mask, mask_from_batch
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (flex attention, bf16, compile)")
 
@@ -25,7 +27,7 @@ def train_step(model, batch, cfg, autocast: bool = False) -> tuple[float, float]
     loss.backward()
     opt.step()
     moved = max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before))
-    return float(loss), moved
+    return float(loss.detach()), moved
 
 
 def test_auto_attention_trains_on_cpu():
@@ -39,18 +41,13 @@ def test_auto_attention_trains_on_cpu():
 @cuda
 @pytest.mark.parametrize("size", ["debug", "small"])
 def test_flex_matches_sdpa(size):
-    model, cfg = debug_model(f"model.size={size}", "model.arch=mot", "data.seq_len=256")
+    model, cfg = debug_model(f"model.size={size}", "model.arch=mot")
     model = model.cuda().eval()
     channels, latent = cfg.model.latent_channels, cfg.model.latent_size
-    from helpers import SPECIALS, mixed_examples
-    from transfusion_mot.data.packing import pack
-
     batch = pack(mixed_examples(0, 6, channels, latent), 256 if size == "debug" else 512, SPECIALS,
                  patch_size=cfg.model.patch_size)
     batch.t = torch.full((batch.n_images,), 0.5)
     batch = batch.to("cuda")
-    from transfusion_mot.model.masks import flex_block_mask, mask_from_batch
-
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         sdpa = model(batch, mask=mask_from_batch(batch.doc_id, batch.image_id))
         flex = model(batch, mask=flex_block_mask(batch.doc_id, batch.image_id))
@@ -66,8 +63,6 @@ def test_compiled_mot_block_fullgraph_forward_backward():
     model, cfg = debug_model("model.arch=mot")
     model = model.cuda()
     batch = mixed_batch(seq_len=128).to("cuda")
-    from transfusion_mot.model.masks import flex_block_mask
-
     mask = flex_block_mask(batch.doc_id, batch.image_id)
     routing = Routing.from_modality(batch.modality, cfg.model.n_modalities)
     rope = model.backbone.rotary(batch.position)

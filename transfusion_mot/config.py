@@ -89,7 +89,8 @@ class DataConfig:
     shapes_textured: bool = True  # textured as well as plain backgrounds
     num_workers: int = 0
     cache_latents: bool = True
-    val_path: str = ""  # held-out data for validation loss ("" = the source's val split)
+    val_path: str = ""  # held-out data for validation loss ("" = hold out val_fraction of the source)
+    val_fraction: float = 0.05  # the last records of a real source (no val_path) are held out, never trained on
 
 
 @dataclass

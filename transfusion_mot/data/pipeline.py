@@ -50,7 +50,11 @@ def examples_per_batch(cfg: Config) -> int:
 
 
 def build_records(cfg: DataConfig, split: str = "train"):
-    """The configured source as a map-style dataset of ``Record`` (or an iterable for webdataset)."""
+    """The configured source as a map-style dataset of ``Record`` for ``split`` ("train" or "val").
+
+    Shapes has its own disjoint splits. A real source with ``data.val_path`` uses that for "val";
+    without one, its last ``data.val_fraction`` of records are held out from training.
+    """
     if cfg.source == "shapes":
         from .shapes import ShapesDataset
 
@@ -59,9 +63,35 @@ def build_records(cfg: DataConfig, split: str = "train"):
                              max_shapes=cfg.shapes_max_shapes, textured=cfg.shapes_textured)
     from .sources import build_source
 
-    path = cfg.val_path if (split != "train" and cfg.val_path) else cfg.path
-    return build_source(cfg.source, path, captions=cfg.captions, image_column=cfg.image_column,
-                        text_column=cfg.text_column, resolution=cfg.resolution)
+    def source(path):
+        return build_source(cfg.source, path, captions=cfg.captions, image_column=cfg.image_column,
+                            text_column=cfg.text_column, resolution=cfg.resolution)
+
+    if split != "train" and cfg.val_path:
+        return source(cfg.val_path)
+    records = source(cfg.path)
+    if cfg.val_path or cfg.val_fraction <= 0:
+        return records
+    n_val = max(1, int(len(records) * cfg.val_fraction))
+    if n_val >= len(records):
+        raise ValueError(f"data.val_fraction={cfg.val_fraction} leaves no training records in {cfg.path}")
+    cut = len(records) - n_val
+    return HeldOut(records, range(cut) if split == "train" else range(cut, len(records)), split)
+
+
+class HeldOut(torch.utils.data.Dataset):
+    """A contiguous part of a source (train or its held-out tail), keeping ``name`` and ``skips``."""
+
+    def __init__(self, records, indices: range, split: str):
+        self.records, self.indices = records, indices
+        self.name = f"{getattr(records, 'name', type(records).__name__)}[{split}]"
+        self.skips = getattr(records, "skips", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Record:
+        return self.records[self.indices[i]]
 
 
 class ExampleSource(torch.utils.data.Dataset):
@@ -80,7 +110,7 @@ class ExampleSource(torch.utils.data.Dataset):
         self.per_batch = examples_per_batch(cfg)
         self.transform = ImageTransform(cfg.data.resolution, crop=cfg.data.crop)
         self.skips = SkipStats()  # found while indexing the source (e.g. a listed file that is missing)
-        self.skips.merge(getattr(records, "skips", SkipStats()))
+        self.skips.merge(getattr(records, "skips", None) or SkipStats())
 
     def __len__(self) -> int:
         return 2 ** 62  # an endless stream; the trainer stops it

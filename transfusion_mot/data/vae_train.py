@@ -46,18 +46,28 @@ def build_vae(channels: tuple[int, ...] = (32, 64, 64), latent_channels: int = 4
 
 def train_vae(images: ImageBatches, out_dir: str | Path, resolution: int, steps: int,
               channels: tuple[int, ...] = (32, 64, 64), latent_channels: int = 4, batch_size: int = 16,
-              lr: float = 2e-3, seed: int = 0, name: str = "") -> Path:
-    """Train, measure latent statistics and PSNR, and write ``out_dir`` atomically; returns ``out_dir``."""
+              lr: float = 2e-3, seed: int = 0, name: str = "", train_crop: int | None = 32) -> Path:
+    """Train, measure latent statistics and PSNR, and write ``out_dir`` atomically; returns ``out_dir``.
+
+    ``train_crop``: train on random square crops of this size. The VAE is convolutional, so crops teach
+    it the same local job at a quarter of the cost at 64 px; statistics and PSNR use full images.
+    """
     out_dir = Path(out_dir).expanduser()
     if steps <= 0:
         raise ValueError(f"vae steps must be positive, got {steps}")
+    if train_crop and train_crop % 2 ** (len(channels) - 1):
+        raise ValueError(f"train_crop={train_crop} must be a multiple of the VAE's downsampling factor")
     torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     vae = build_vae(channels, latent_channels, resolution).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     for step in range(steps):
-        x = _check_batch(images(step), resolution, step)[:batch_size] * 2 - 1  # (B, 3, R, R) in [-1, 1]
+        x = _check_batch(images(step), resolution, step)[:batch_size]  # (B, 3, R, R)
+        if train_crop and train_crop < resolution:
+            x = _random_crops(x, train_crop, gen)  # (B, 3, c, c)
+        x = x * 2 - 1  # AutoencoderKL works in [-1, 1]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
@@ -70,7 +80,7 @@ def train_vae(images: ImageBatches, out_dir: str | Path, resolution: int, steps:
     stats = measure(vae, [_check_batch(images(_EVAL_STEP0 + i), resolution, -1) for i in range(EVAL_BATCHES)])
     meta = {"name": name, "scaling_factor": 1.0 / stats["latent_std"], "shift_factor": stats["latent_mean"],
             **stats, "steps": steps, "resolution": resolution, "channels": list(channels),
-            "latent_channels": latent_channels, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "latent_channels": latent_channels, "batch_size": batch_size, "train_crop": train_crop, "lr": lr, "seed": seed,
             "seconds": round(time.perf_counter() - start, 2)}
     vae.register_to_config(scaling_factor=meta["scaling_factor"], shift_factor=meta["shift_factor"])
     _write_atomically(vae, meta, out_dir)
@@ -108,6 +118,12 @@ def get_or_train_vae(key: str, images: ImageBatches, cache_dir: str | Path, **tr
             return target
         train_kwargs.setdefault("name", key)
         return train_vae(images, target, **train_kwargs)
+
+
+def _random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, 3, R, R) -> (B, 3, size, size), an independent crop per image."""
+    corners = torch.randint(x.shape[-1] - size + 1, (len(x), 2), generator=gen).tolist()
+    return torch.stack([img[:, i:i + size, j:j + size] for img, (i, j) in zip(x, corners)])
 
 
 def _check_batch(x: torch.Tensor, resolution: int, step: int) -> torch.Tensor:

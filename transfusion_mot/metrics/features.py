@@ -92,7 +92,7 @@ def load_resnet56(path: str | Path) -> ResNet56:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{path} is not a CIFAR ResNet-56 checkpoint: {err}") from None
+        raise ValueError(f"{path} is not a CIFAR ResNet-56 checkpoint: {' '.join(str(err).split())}") from None
     return net.eval()
 
 

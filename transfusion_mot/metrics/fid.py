@@ -157,6 +157,14 @@ class InceptionFID:
             self._update(ref_paths, real=True)
 
     @torch.no_grad()
+    def features(self, source: ImageSource) -> np.ndarray:
+        """(N, 2048) Inception features exactly as this backend computes them for FID (file order)."""
+        paths = list_images(source)
+        if self.backend == "clean-fid":
+            return self._clean.features(paths)
+        return extract_features(paths, self._metric.inception, self.batch_size, self.device)
+
+    @torch.no_grad()
     def _update(self, paths: list[Path], real: bool) -> None:
         for batch in uint8_batches(paths, self.batch_size):
             self._metric.update(batch.to(self.device), real=real)
@@ -199,7 +207,7 @@ class InceptionFeatures(FeatureNet):
 
 
 @torch.no_grad()
-def extract_features(paths: list[Path], extractor: FeatureNet, batch_size: int = 32,
+def extract_features(paths: list[Path], extractor: torch.nn.Module, batch_size: int = 32,
                      device: str = "cpu") -> np.ndarray:
     """(N, D) float64 features of the images, in file order."""
     extractor = extractor.to(device).eval()

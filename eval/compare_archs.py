@@ -1,0 +1,453 @@
+"""MoT vs dense vs MoE-4x at equal FLOPs per token, at small scale (the MoT paper's Transfusion setting).
+
+Every arm trains the same ``small`` shape on the same data and seed for the same number of steps, so
+dense, MoT and MoE-4x spend the same FLOPs per token; a dense model with twice the layers (the same
+total parameters as the MoT, about 2x its FLOPs) gives the paper's "small MoT vs larger dense" pair,
+and the headline pair (MoT, dense) is trained with a second seed to show run-to-run noise.
+
+Validation losses come from the runs' own fixed-t-grid, fixed-noise evaluations (``train.eval_every``)
+and are plotted against training FLOPs (FLOPs/token x tokens seen). Two data settings: ``shapes``
+(generated, with a prompt-following score) and ``flickr`` (the Flickr8k subset in the shared assets,
+TAEF2 latents, the Llama 2 tokenizer). Runs live in ``<out>/runs/<setting>/<arm>-s<seed>``, resume
+with ``train.resume=auto`` and are skipped once finished, so an interrupted job picks up where it was.
+
+    python eval/compare_archs.py                   # the default budget (<= 60 min on a 2-core CPU)
+    python eval/compare_archs.py --steps 4000      # a larger budget (use a fresh --out)
+    python eval/compare_archs.py --smoke --out /tmp/cmp   # seconds: the debug size, a few steps
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from common import REPO, RESULTS, md_table, write_results
+
+from transfusion_mot.components.flops import model_flops_per_token
+from transfusion_mot.config import Config, load_config
+from transfusion_mot.data.pipeline import build_records, prepare_tokenizer
+from transfusion_mot.model import build_model
+from transfusion_mot.train import train
+
+NAME = "compare_archs"
+PAIR = ("mot", "dense")  # the headline pair, trained with every seed in --seeds
+ARMS = ("dense", "mot", "moe", "dense_large")
+N_EVALS = 8  # validation points per run (the curves)
+WALL = "compare_wall.json"  # seconds spent in train() for this run, summed over resumed invocations
+
+# Default steps per setting, measured on the shared 2-core CPU (see the module's report in the PR):
+# 6 runs per setting (dense, mot, moe, dense_large = 2 units, and the second seed of mot and dense).
+DEFAULT_STEPS = {"shapes": 300, "flickr": 300}
+SMOKE_STEPS = 4
+
+# Quick evaluation: the losses are on fixed examples and fixed noise, so 64 pairs already compare
+# runs paired (same examples, same noise); sampling with 25 Euler steps keeps prompt-following cheap.
+EVAL = ["eval.val_examples=64", "eval.val_t_grid=8", "eval.sample_steps=25", "eval.batch_size=32",
+        "train.ema_decay=0", "train.log_every=10"]
+SMOKE_EVAL = ["eval.val_examples=8", "eval.val_t_grid=2", "eval.sample_steps=2", "eval.n_prompts=4",
+              "train.ema_decay=0", "train.log_every=1"]
+
+
+@dataclass
+class Run:
+    """One trained arm: what it is, its cost and its validation curve."""
+
+    setting: str
+    arm: str
+    arch: str
+    seed: int
+    steps: int
+    params_total: int
+    params_active: int
+    flops_per_token: float
+    tokens_per_step: float
+    wall_s: float
+    curve: list[dict] = field(default_factory=list)  # step, flops, val_flow, val_lm, val_ppl, val_caption_nll
+    final: dict = field(default_factory=dict)  # results.json of the run
+
+    @property
+    def label(self) -> str:
+        return f"{self.arm}-s{self.seed}"
+
+    @property
+    def total_flops(self) -> float:
+        return self.flops_per_token * self.tokens_per_step * self.steps
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------
+def flickr_overrides(assets: Path, resolution: int) -> list[str]:
+    """Flickr8k through TAEF2 (32 channels, 8x down) with the Llama 2 tokenizer.
+
+    Patch size 1: at 64 px the latent is 8x8, so each image is 64 tokens, as many as a shapes image
+    (16x16 latent, patch 2). Patch 2 would leave 16 image tokens per image, so text would dominate
+    the sequence and the image loss would rest on very few tokens. Llama 2's 32k vocabulary (not
+    GPT-2's 50k) keeps the embedding and LM head, the costliest part on CPU, as small as a real
+    tokenizer allows. 10% of the images are held out for validation (never trained on).
+    """
+    return [
+        "data.source=imagefolder", f"data.path={assets / 'images' / 'flickr8k-1000'}",
+        f"data.tokenizer={assets / 'tokenizers' / 'llama2' / 'tokenizer.model'}", "data.val_fraction=0.1",
+        "codec.kind=taef2", f"codec.encoder_path={assets / 'vae' / 'taef2_encoder.pth'}",
+        f"codec.decoder_path={assets / 'vae' / 'taef2_decoder.pth'}",
+        "model.latent_channels=32", f"model.latent_size={resolution // 8}", "model.patch_size=1",
+    ]
+
+
+def arm_config(setting: str, arm: str, seed: int, steps: int, run_dir: Path, assets: Path, smoke: bool,
+               extra: list[str]) -> Config:
+    """The resolved config of one run. ``dense_large`` is dense with twice the base's layers."""
+    arch = "dense" if arm == "dense_large" else arm
+    base = REPO / "configs" / ("debug.yaml" if smoke else f"small_{arch}.yaml")
+    overrides = [f"model.arch={arch}", f"name={setting}-{arm}"]
+    if arm == "dense_large":
+        overrides.append(f"model.n_layers={2 * load_config(str(base), check=False).model.n_layers}")
+    if setting == "flickr":
+        resolution = load_config(str(base), check=False).data.resolution
+        overrides += flickr_overrides(assets, resolution) + ["eval.n_prompts=16" if not smoke else "eval.n_prompts=4"]
+    every = max(1, steps // N_EVALS)
+    overrides += SMOKE_EVAL if smoke else EVAL
+    overrides += [f"train.steps={steps}", f"train.seed={seed}", f"train.out_dir={run_dir}", "train.resume=auto",
+                  f"train.eval_every={every}", f"train.save_every={every}", "train.keep_checkpoints=1", *extra]
+    return load_config(str(base), overrides)
+
+
+def _comparable(cfg: Config) -> dict:
+    tree = json.loads(json.dumps(cfg.to_dict(), default=list))
+    tree["train"].pop("resume", None)
+    return tree
+
+
+def check_run_dir(cfg: Config, run_dir: Path) -> None:
+    """A run dir holds one experiment: refuse to resume or reuse it under a different config."""
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return
+    old = json.loads(json.dumps(yaml.safe_load(saved.read_text()), default=list))
+    old["train"].pop("resume", None)
+    new = _comparable(cfg)
+    diffs = [f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {v!r}" for sec, part in new.items() if isinstance(part, dict)
+             for k, v in part.items() if old.get(sec, {}).get(k) != v]
+    if diffs:
+        raise SystemExit(f"{run_dir} was trained with another config ({'; '.join(diffs[:4])}); "
+                         f"use another --out for a new budget, or delete that folder")
+
+
+# --------------------------------------------------------------------------------------------------
+# Training and reading runs back
+# --------------------------------------------------------------------------------------------------
+def is_done(run_dir: Path) -> bool:
+    return (run_dir / "results.json").exists() and (run_dir / WALL).exists()
+
+
+def train_run(cfg: Config, run_dir: Path) -> None:
+    """Train (or resume) one run, adding this invocation's seconds to its wall-clock even if interrupted."""
+    wall_file = run_dir / WALL
+    t0 = time.perf_counter()
+    try:
+        train(cfg, evaluate_at_end=True)
+    finally:
+        spent = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else 0.0
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / (WALL + ".tmp")).write_text(json.dumps({"seconds": spent + time.perf_counter() - t0}))
+        if (run_dir / "results.json").exists():  # finished: the wall-clock is final
+            (run_dir / (WALL + ".tmp")).replace(wall_file)
+        else:
+            (run_dir / (WALL + ".tmp")).replace(run_dir / (WALL + ".partial"))
+
+
+def data_stats(cfg: Config, tokenizer, n: int = 256) -> tuple[float, float]:
+    """(tokens per example, text share of them), estimated from the first ``n`` training captions.
+
+    An example is BOS, caption, BOI, patches, EOI, EOS; caption dropout empties a share of captions.
+    """
+    records = build_records(cfg.data, "train")
+    lengths = []
+    for i in range(min(n, len(records))):
+        try:
+            rec = records[i]
+        except Exception:  # an unreadable record: the trainer skips it too
+            continue
+        lengths.append(min(len(tokenizer.encode(rec.captions[0])), cfg.data.max_caption_tokens))
+    if not lengths:
+        raise ValueError(f"no readable training records in {getattr(records, 'name', cfg.data.path)}")
+    keep = 1.0 - cfg.data.caption_first * cfg.data.caption_dropout
+    caption = keep * sum(lengths) / len(lengths)
+    patches = (cfg.model.latent_size // cfg.model.patch_size) ** 2
+    text = caption + 2  # BOS, EOS
+    return text + patches + 2, text / (text + patches + 2)
+
+
+def read_run(cfg: Config, setting: str, arm: str, run_dir: Path, stats: tuple[float, float], vocab: int) -> Run:
+    """Cost (parameters, FLOPs/token, tokens/step, wall-clock) and validation curve of a finished run."""
+    from transfusion_mot.data.pipeline import examples_per_batch
+
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab)
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    doc_tokens, text_share = stats
+    fpt = model_flops_per_token(model_cfg, cfg.data.seq_len, training=True, text_fraction=text_share)
+    tokens_per_step = doc_tokens * examples_per_batch(cfg) * cfg.train.grad_accum
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    keys = ("val_flow", "val_lm", "val_ppl", "val_caption_nll")
+    curve = [{"step": r["step"], "flops": fpt * tokens_per_step * r["step"], **{k: r.get(k) for k in keys}}
+             for r in rows if "val_flow" in r]
+    wall = json.loads((run_dir / WALL).read_text())["seconds"]
+    return Run(setting, arm, cfg.model.arch, cfg.train.seed, cfg.train.steps, model.num_params(),
+               model.num_params(active=True), fpt, tokens_per_step, wall, curve,
+               json.loads((run_dir / "results.json").read_text()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Headline figures
+# --------------------------------------------------------------------------------------------------
+def flops_to_reach(curve: list[dict], key: str, target: float) -> float | None:
+    """FLOPs at which ``curve`` first reaches ``target`` (<=), linear in log-FLOPs between points.
+
+    None when it never does. If the first point already reaches it, that point's FLOPs is returned:
+    an upper bound, since nothing was measured before it.
+    """
+    points = [(c["flops"], c[key]) for c in curve if c.get(key) is not None and math.isfinite(c[key])]
+    for i, (f, loss) in enumerate(points):
+        if loss <= target:
+            if i == 0:
+                return f
+            f0, l0 = points[i - 1]
+            w = (l0 - target) / (l0 - loss)
+            return math.exp(math.log(f0) + w * (math.log(f) - math.log(f0)))
+    return None
+
+
+def fraction(candidate: Run, reference: Run, key: str) -> dict:
+    """The share of ``reference``'s training FLOPs ``candidate`` needs to reach its final ``key`` loss."""
+    target = reference.curve[-1][key]
+    reached = flops_to_reach(candidate.curve, key, target)
+    out = {"target": target, "candidate_final": candidate.curve[-1][key],
+           "fraction": None if reached is None else reached / reference.total_flops}
+    if reached is None:
+        out["note"] = "not reached"
+    elif reached == candidate.curve[0]["flops"]:
+        out["note"] = "reached by the first evaluation (an upper bound)"
+    else:
+        out["note"] = "reached"
+    return out
+
+
+def headline(runs: list[Run]) -> dict:
+    """The paper's figures for one setting: MoT and MoE vs dense, small MoT vs larger dense, seed spread."""
+    by = {(r.arm, r.seed): r for r in runs}
+    seeds = sorted({r.seed for r in runs if r.arm in PAIR})
+    first = seeds[0] if seeds else 0
+    out: dict = {}
+    for arm in ("mot", "moe", "dense_large"):
+        if (arm, first) in by and ("dense", first) in by and arm != "dense_large":
+            out[f"{arm}_vs_dense"] = {k: fraction(by[arm, first], by["dense", first], k) for k in ("val_flow", "val_lm")}
+    if ("mot", first) in by and ("dense_large", first) in by:
+        mot, large = by["mot", first], by["dense_large", first]
+        out["mot_vs_dense_large"] = {
+            "flops_ratio_large_over_mot": large.total_flops / mot.total_flops,
+            "params_total": {"mot": mot.params_total, "dense_large": large.params_total},
+            **{k: {"mot_final": mot.curve[-1][k], "dense_large_final": large.curve[-1][k],
+                   "mot_better": mot.curve[-1][k] < large.curve[-1][k],
+                   **{f"mot_{n}": v for n, v in fraction(mot, large, k).items() if n in ("fraction", "note")}}
+               for k in ("val_flow", "val_lm")}}
+    spread: dict = {}
+    for arm in PAIR:
+        finals = {s: by[arm, s] for s in seeds if (arm, s) in by}
+        if len(finals) > 1:
+            spread[arm] = {k: {"values": [r.curve[-1][k] for r in finals.values()],
+                               "spread": max(r.curve[-1][k] for r in finals.values())
+                               - min(r.curve[-1][k] for r in finals.values())} for k in ("val_flow", "val_lm")}
+    per_seed = {s: {k: fraction(by["mot", s], by["dense", s], k)["fraction"] for k in ("val_flow", "val_lm")}
+                for s in seeds if ("mot", s) in by and ("dense", s) in by}
+    if len(per_seed) > 1:
+        spread["mot_fraction_per_seed"] = per_seed
+    out["seed_spread"] = spread
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Plot and table
+# --------------------------------------------------------------------------------------------------
+COLORS = {"dense": "tab:blue", "mot": "tab:red", "moe": "tab:green", "dense_large": "tab:purple"}
+
+
+def plot(runs: dict[str, list[Run]], out: Path) -> Path:
+    """Rows: settings; columns: validation diffusion loss and text loss against training FLOPs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = [s for s in runs if runs[s]]
+    fig, axes = plt.subplots(len(settings), 2, figsize=(11, 3.8 * len(settings)), squeeze=False)
+    for row, setting in zip(axes, settings):
+        for ax, key, title in ((row[0], "val_flow", "val diffusion loss (fixed t grid)"),
+                               (row[1], "val_lm", "val text loss (nats/token)")):
+            for r in runs[setting]:
+                pts = [(c["flops"], c[key]) for c in r.curve if c.get(key) is not None]
+                ax.plot(*zip(*pts), marker="o", ms=3, lw=1.3, color=COLORS.get(r.arm, "gray"),
+                        ls="-" if r.seed == runs[setting][0].seed else "--", label=r.label)
+            dense = [r for r in runs[setting] if r.arm == "dense"]
+            if dense:
+                ax.axhline(dense[0].curve[-1][key], color=COLORS["dense"], lw=0.7, ls=":")
+            ax.set_xscale("log")
+            ax.set_xlabel("training FLOPs")
+            ax.set_title(f"{setting}: {title}", fontsize=10)
+            ax.grid(alpha=0.3, which="both")
+        row[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = out / f"{NAME}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _share(f: float | None) -> str:
+    return "not reached" if f is None else f"{100 * f:.0f}%"
+
+
+def _pct(entry: dict) -> str:
+    return _share(entry.get("fraction")) + (" (upper bound)" if "upper" in entry["note"] else "")
+
+
+def table_rows(runs: list[Run]) -> list[dict]:
+    return [{"run": r.label, "arch": r.arch, "steps": r.steps, "params total (M)": r.params_total / 1e6,
+             "params active (M)": r.params_active / 1e6, "MFLOPs/token": r.flops_per_token / 1e6,
+             "train PFLOPs": r.total_flops / 1e15, "val diffusion loss": r.curve[-1]["val_flow"],
+             "val text loss": r.curve[-1]["val_lm"], "val ppl": r.curve[-1]["val_ppl"],
+             "val caption NLL": r.curve[-1]["val_caption_nll"],
+             "prompt-following": r.final.get("prompt_following", "-"), "wall (min)": r.wall_s / 60}
+            for r in runs]
+
+
+def markdown(runs: dict[str, list[Run]], heads: dict[str, dict], skipped: dict[str, str]) -> str:
+    lines = ["# MoT vs dense vs MoE-4x at equal FLOPs per token (small scale)", "", "{header}",
+             "Same shape, data, seed and steps per setting; `dense_large` has twice the layers (the MoT's "
+             "total parameters, ~2x its FLOPs/token). Losses are the runs' validation losses on held-out "
+             "data with a fixed t grid and fixed noise. Training FLOPs = FLOPs/token (6 per active weight + "
+             "attention, `components/flops.py`) x tokens seen (examples x estimated tokens per example). "
+             "Wall-clock includes the runs' periodic validation and final sampling.", "",
+             f"![curves]({NAME}.png)", ""]
+    for setting, note in skipped.items():
+        lines += [f"**{setting}: skipped** ({note})", ""]
+    for setting, rs in runs.items():
+        if not rs:
+            continue
+        h = heads[setting]
+        lines += [f"## {setting}", "", md_table(table_rows(rs)), "", "Headline figures:", ""]
+        for arm in ("mot", "moe"):
+            if f"{arm}_vs_dense" in h:
+                e = h[f"{arm}_vs_dense"]
+                lines.append(f"- {arm.upper()} needs **{_pct(e['val_flow'])}** of dense's training FLOPs to reach "
+                             f"dense's final image loss ({e['val_flow']['target']:.4f}), and "
+                             f"**{_pct(e['val_lm'])}** to reach its final text loss ({e['val_lm']['target']:.4f}).")
+        if "mot_vs_dense_large" in h:
+            e = h["mot_vs_dense_large"]
+            img, txt = e["val_flow"], e["val_lm"]
+            lines.append(f"- Small MoT vs dense_large ({e['flops_ratio_large_over_mot']:.2f}x MoT's FLOPs at equal "
+                         f"tokens): image loss {img['mot_final']:.4f} vs {img['dense_large_final']:.4f} "
+                         f"(MoT {'better' if img['mot_better'] else 'not better'}), text loss "
+                         f"{txt['mot_final']:.4f} vs {txt['dense_large_final']:.4f} "
+                         f"(MoT {'better' if txt['mot_better'] else 'not better'}).")
+        for arm, s in h["seed_spread"].items():
+            if arm in PAIR:
+                lines.append(f"- Seed spread of {arm} (final, max - min over seeds): image "
+                             f"{s['val_flow']['spread']:.4f}, text {s['val_lm']['spread']:.4f}.")
+        if "mot_fraction_per_seed" in h["seed_spread"]:
+            per = h["seed_spread"]["mot_fraction_per_seed"]
+            lines.append("- MoT's share of dense's FLOPs per seed (image / text): " + ", ".join(
+                f"s{s}: {_share(v['val_flow'])} / {_share(v['val_lm'])}" for s, v in per.items()))
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------
+def plan(archs: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """(arm, seed) pairs: the headline pair with every seed, the other arms with the first seed."""
+    jobs = [(a, seeds[0]) for a in archs]
+    jobs += [(a, s) for s in seeds[1:] for a in archs if a in PAIR]
+    return jobs
+
+
+def run_setting(setting: str, args, steps: int, train_runs: bool = True) -> list[Run]:
+    runs = []
+    stats = vocab = None
+    for arm, seed in plan(args.archs, args.seeds):
+        run_dir = args.out / "runs" / setting / f"{arm}-s{seed}"
+        cfg = arm_config(setting, arm, seed, steps, run_dir, args.assets, args.smoke, args.set)
+        check_run_dir(cfg, run_dir)
+        if train_runs and not is_done(run_dir):
+            print(f"[{NAME}] {setting}: training {arm} seed {seed} for {steps} steps -> {run_dir}", flush=True)
+            train_run(cfg, run_dir)
+        elif not is_done(run_dir):
+            print(f"[{NAME}] {setting}: {run_dir} is not finished; left out", flush=True)
+            continue
+        if stats is None:
+            tokenizer = prepare_tokenizer(cfg)
+            stats, vocab = data_stats(cfg, tokenizer), tokenizer.vocab_size
+        runs.append(read_run(cfg, setting, arm, run_dir, stats, vocab))
+    return runs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--settings", default="shapes,flickr", help="comma list of: shapes, flickr")
+    p.add_argument("--archs", default=",".join(ARMS), help=f"comma list of: {', '.join(ARMS)}")
+    p.add_argument("--seeds", default="0,1", help="seeds of the headline pair (mot, dense); other arms use the first")
+    p.add_argument("--steps", type=int, default=0, help="steps per run (0: the default budget of each setting)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder (runs go to <out>/runs)")
+    p.add_argument("--assets", type=Path, default=REPO.parent / "shared" / "assets", help="the shared assets folder")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    p.add_argument("--report-only", action="store_true", help="no training: tabulate the finished runs")
+    p.add_argument("--smoke", action="store_true", help=f"debug size, {SMOKE_STEPS} steps, tiny evaluation (tests)")
+    args = p.parse_args(argv)
+    args.settings = [s for s in args.settings.split(",") if s]
+    args.archs = [a for a in args.archs.split(",") if a]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    for s in args.settings:
+        if s not in DEFAULT_STEPS:
+            p.error(f"--settings: unknown setting {s!r}; choose from {', '.join(DEFAULT_STEPS)}")
+    for a in args.archs:
+        if a not in ARMS:
+            p.error(f"--archs: unknown arm {a!r}; choose from {', '.join(ARMS)}")
+    if not args.seeds:
+        p.error("--seeds: give at least one seed")
+    if args.steps < 0:
+        p.error(f"--steps={args.steps} must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    runs: dict[str, list[Run]] = {}
+    skipped: dict[str, str] = {}
+    for setting in args.settings:
+        if setting == "flickr" and not (args.assets / "images" / "flickr8k-1000").is_dir():
+            skipped[setting] = f"shared assets not found at {args.assets} (pass --assets)"
+            print(f"[{NAME}] flickr skipped: {skipped[setting]}", flush=True)
+            continue
+        steps = args.steps or (SMOKE_STEPS if args.smoke else DEFAULT_STEPS[setting])
+        runs[setting] = run_setting(setting, args, steps, train_runs=not args.report_only)
+    heads = {s: headline(rs) for s, rs in runs.items() if rs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = plot(runs, args.out) if any(runs.values()) else None
+    data = {"settings": {s: {"runs": [dataclasses.asdict(r) | {"total_flops": r.total_flops} for r in rs]}
+                         for s, rs in runs.items()},
+            "headline": heads, "skipped": skipped, "plot": png.name if png else None, "smoke": args.smoke}
+    path = write_results(NAME, data, markdown(runs, heads, skipped), args.out)
+    print(f"[{NAME}] wrote {path}, {path.with_suffix('.md')}" + (f", {png}" if png else ""), flush=True)
+    return path
+
+
+if __name__ == "__main__":
+    main()
