@@ -51,7 +51,7 @@ SMOKE_STEPS = 4
 EVAL = ["eval.val_examples=64", "eval.val_t_grid=8", "eval.sample_steps=25", "eval.batch_size=32",
         "train.ema_decay=0", "train.log_every=10"]
 SMOKE_EVAL = ["eval.val_examples=8", "eval.val_t_grid=2", "eval.sample_steps=2", "eval.n_prompts=4",
-              "train.ema_decay=0", "train.log_every=1"]
+              "train.ema_decay=0", "train.log_every=1", "codec.vae_steps=4"]
 
 
 @dataclass
@@ -343,12 +343,12 @@ def markdown(runs: dict[str, list[Run]], heads: dict[str, dict], skipped: dict[s
             continue
         h = heads[setting]
         lines += [f"## {setting}", "", md_table(table_rows(rs)), "", "Headline figures:", ""]
-        for arm in ("mot", "moe"):
+        for arm, name in (("mot", "MoT"), ("moe", "MoE-4x")):
             if f"{arm}_vs_dense" in h:
                 e = h[f"{arm}_vs_dense"]
-                lines.append(f"- {arm.upper()} needs **{_pct(e['val_flow'])}** of dense's training FLOPs to reach "
-                             f"dense's final image loss ({e['val_flow']['target']:.4f}), and "
-                             f"**{_pct(e['val_lm'])}** to reach its final text loss ({e['val_lm']['target']:.4f}).")
+                lines.append(f"- Share of dense's training FLOPs {name} needs to reach dense's final image loss "
+                             f"({e['val_flow']['target']:.4f}): **{_pct(e['val_flow'])}**; its final text loss "
+                             f"({e['val_lm']['target']:.4f}): **{_pct(e['val_lm'])}**.")
         if "mot_vs_dense_large" in h:
             e = h["mot_vs_dense_large"]
             img, txt = e["val_flow"], e["val_lm"]
@@ -379,12 +379,32 @@ def plan(archs: list[str], seeds: list[int]) -> list[tuple[str, int]]:
     return jobs
 
 
-def run_setting(setting: str, args, steps: int, train_runs: bool = True) -> list[Run]:
+def shared_codec(setting: str, args, steps: int) -> tuple[list[str], float]:
+    """Overrides that give every run of a setting the same codec, and the seconds it took to make.
+
+    The small VAE is trained per seed by default; here it is trained once (first seed's config) and
+    pinned with ``codec.path``, so all runs, seeds included, predict the same latents and their
+    diffusion losses compare.
+    """
+    from transfusion_mot.data.pipeline import train_codec_for
+
+    probe = arm_config(setting, "dense", args.seeds[0], steps, args.out / "runs" / setting / "codec-probe",
+                       args.assets, args.smoke, args.set)
+    if probe.codec.kind != "trained" or probe.codec.path:
+        return [], 0.0
+    t0 = time.perf_counter()
+    path = train_codec_for(probe)
+    return [f"codec.path={path}"], time.perf_counter() - t0
+
+
+def run_setting(setting: str, args, steps: int, train_runs: bool = True) -> tuple[list[Run], float]:
+    """Train (or skip, when finished) every run of a setting; returns the runs and the codec seconds."""
     runs = []
     stats = vocab = None
+    codec, codec_s = shared_codec(setting, args, steps)
     for arm, seed in plan(args.archs, args.seeds):
         run_dir = args.out / "runs" / setting / f"{arm}-s{seed}"
-        cfg = arm_config(setting, arm, seed, steps, run_dir, args.assets, args.smoke, args.set)
+        cfg = arm_config(setting, arm, seed, steps, run_dir, args.assets, args.smoke, codec + args.set)
         check_run_dir(cfg, run_dir)
         if train_runs and not is_done(run_dir):
             print(f"[{NAME}] {setting}: training {arm} seed {seed} for {steps} steps -> {run_dir}", flush=True)
@@ -396,7 +416,7 @@ def run_setting(setting: str, args, steps: int, train_runs: bool = True) -> list
             tokenizer = prepare_tokenizer(cfg)
             stats, vocab = data_stats(cfg, tokenizer), tokenizer.vocab_size
         runs.append(read_run(cfg, setting, arm, run_dir, stats, vocab))
-    return runs
+    return runs, codec_s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -430,6 +450,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     runs: dict[str, list[Run]] = {}
+    codec_s: dict[str, float] = {}
     skipped: dict[str, str] = {}
     for setting in args.settings:
         if setting == "flickr" and not (args.assets / "images" / "flickr8k-1000").is_dir():
@@ -437,13 +458,14 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"[{NAME}] flickr skipped: {skipped[setting]}", flush=True)
             continue
         steps = args.steps or (SMOKE_STEPS if args.smoke else DEFAULT_STEPS[setting])
-        runs[setting] = run_setting(setting, args, steps, train_runs=not args.report_only)
+        runs[setting], codec_s[setting] = run_setting(setting, args, steps, train_runs=not args.report_only)
     heads = {s: headline(rs) for s, rs in runs.items() if rs}
     args.out.mkdir(parents=True, exist_ok=True)
     png = plot(runs, args.out) if any(runs.values()) else None
     data = {"settings": {s: {"runs": [dataclasses.asdict(r) | {"total_flops": r.total_flops} for r in rs]}
                          for s, rs in runs.items()},
-            "headline": heads, "skipped": skipped, "plot": png.name if png else None, "smoke": args.smoke}
+            "headline": heads, "codec_seconds": codec_s, "skipped": skipped,
+            "plot": png.name if png else None, "smoke": args.smoke}
     path = write_results(NAME, data, markdown(runs, heads, skipped), args.out)
     print(f"[{NAME}] wrote {path}, {path.with_suffix('.md')}" + (f", {png}" if png else ""), flush=True)
     return path

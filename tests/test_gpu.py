@@ -67,7 +67,7 @@ def test_compiled_mot_block_fullgraph_forward_backward():
     routing = Routing.from_modality(batch.modality, cfg.model.n_modalities)
     rope = model.backbone.rotary(batch.position)
     block = model.backbone.blocks[0]
-    x = torch.randn(*batch.tokens.shape, cfg.model.dim, device="cuda", requires_grad=True)
+    x = torch.randn(batch.tokens.numel(), cfg.model.dim, device="cuda", requires_grad=True)  # (N, D) group order
 
     eager = block(x, routing, rope, mask)
     (grad_eager,) = torch.autograd.grad(eager.pow(2).sum(), x)

@@ -29,7 +29,7 @@ def test_tied_mot_equals_dense(placement, qk_norm):
     modality = torch.randint(0, 2, (2, 10))
     pos = torch.arange(10).expand(2, 10)
     mask = torch.tril(torch.ones(10, 10, dtype=torch.bool))[None, None].expand(2, 1, 10, 10)
-    torch.testing.assert_close(mot(x, modality, pos, mask), dense(x, modality, pos, mask), atol=1e-6, rtol=0)
+    torch.testing.assert_close(mot(x, modality, pos, mask), dense(x, modality, pos, mask), atol=1e-6, rtol=1e-6)  # fp32: group-split matmuls round differently
 
 
 def test_upcycled_mot_equals_dense_model():
@@ -40,8 +40,8 @@ def test_upcycled_mot_equals_dense_model():
     assert not torch.allclose(a.logits, b.logits)  # different init before upcycling
     untie_from_dense(mot, dense)
     b = mot(batch)
-    torch.testing.assert_close(b.logits, a.logits, atol=1e-6, rtol=0)
-    torch.testing.assert_close(b.velocity, a.velocity, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-6, rtol=1e-6)  # fp32: group-split matmuls round differently
+    torch.testing.assert_close(b.velocity, a.velocity, atol=1e-6, rtol=1e-6)  # fp32: group-split matmuls round differently
 
 
 def _group_grads(model, group: int) -> list[torch.Tensor]:
@@ -100,13 +100,15 @@ def test_routing_rejects_unknown_modality():
         Routing.from_modality(torch.tensor([[0, 1, 2]]), 2)
 
 
-def test_per_modality_keeps_token_order():
+def test_per_modality_routes_each_token_and_sort_round_trips():
     pm = PerModality(lambda: torch.nn.Linear(4, 4), 2)
-    x = torch.randn(1, 6, 4)
+    x = torch.randn(6, 4)  # (N, D) in sequence order
     modality = torch.tensor([[1, 0, 1, 1, 0, 0]])
-    y = pm(x, Routing.from_modality(modality, 2))
+    routing = Routing.from_modality(modality, 2)
+    assert torch.equal(routing.unsort(routing.sort(x)), x)
+    y = routing.unsort(pm(routing.sort(x), routing))
     for i, m in enumerate(modality[0].tolist()):
-        torch.testing.assert_close(y[0, i], pm.groups[m](x[0, i]))
+        torch.testing.assert_close(y[i], pm.groups[m](x[i]))
 
 
 def _flops(model, batch) -> int:

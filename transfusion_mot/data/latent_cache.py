@@ -1,6 +1,6 @@
 """On-disk latents per example, so a second epoch (or a second run) does not run the encoder again.
 
-One file per example key under ``<root>/latents/<hash(data, codec, resolution)>/``. Writes go to a
+One file per example key under ``<root>/<hash(data, codec, resolution)>/``. Writes go to a
 temporary file and are moved into place with ``os.replace``, so several ranks writing the same key
 race harmlessly and a killed process never leaves a half-written latent behind.
 """
@@ -33,7 +33,7 @@ class LatentCache:
     def __init__(self, root: str | Path, data_name: str, codec_name: str, resolution: int):
         ident = {"data": data_name, "codec": codec_name, "resolution": int(resolution)}
         digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-        self.dir = resolve_cache_dir(root) / "latents" / digest
+        self.dir = resolve_cache_dir(root) / digest
         self.dir.mkdir(parents=True, exist_ok=True)
         info = self.dir / "cache.json"  # human-readable record of what the hash stands for
         if not info.exists():

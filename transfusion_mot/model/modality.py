@@ -1,9 +1,11 @@
 """The one MoT primitive: a module per modality group, applied to the tokens of that group.
 
 Routing is computed once per batch from the modality ids (``Routing.from_modality``) and handed to
-every layer, so no layer looks at boolean masks. Tokens are gathered into group-sorted order with one
-index, each group's module runs on its contiguous slice, and one more gather restores the order.
-With a single group (dense, MoE) the module is applied directly: dense pays nothing for MoT.
+every layer, so no layer looks at boolean masks. The backbone keeps its residual stream in
+group-sorted token order (``routing.sort``), so every per-modality module runs on a contiguous slice
+with no gather at all; only attention, which needs the (B, T) layout, unsorts its input and sorts its
+output (two gathers per layer). With a single group (dense, MoE) the order is the identity and nothing
+is gathered: dense pays nothing for MoT.
 """
 from __future__ import annotations
 
@@ -18,45 +20,50 @@ import torch.nn as nn
 class Routing:
     """Which group each of the N = B*T flattened tokens belongs to, as a sort order."""
 
-    order: torch.Tensor  # (N,) flat token indices sorted by group (stable)
-    inverse: torch.Tensor  # (N,) position of each token inside `order`
+    order: torch.Tensor | None  # (N,) flat token indices sorted by group (stable); None = identity
+    inverse: torch.Tensor | None  # (N,) position of each token inside `order`
     counts: list[int]  # tokens per group, sums to N
-    group: torch.Tensor  # (N,) group id per token
+    shape: tuple[int, int]  # (B, T) of the sequence layout
 
     @classmethod
     def from_modality(cls, modality: torch.Tensor, n_groups: int) -> "Routing":
         """modality (B, T) ids in [0, n_groups) -> routing. Ids are checked here, once per batch."""
         group = modality.reshape(-1)
         if n_groups == 1:
-            group = torch.zeros_like(group)
-        elif group.numel() and (int(group.min()) < 0 or int(group.max()) >= n_groups):
+            return cls(order=None, inverse=None, counts=[group.numel()], shape=tuple(modality.shape))
+        if group.numel() and (int(group.min()) < 0 or int(group.max()) >= n_groups):
             raise ValueError(f"modality ids must lie in [0, {n_groups}), got {group.unique().tolist()}")
         order = torch.sort(group, stable=True).indices
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         counts = torch.bincount(group, minlength=n_groups).tolist()
-        return cls(order=order, inverse=inverse, counts=counts, group=group)
+        return cls(order=order, inverse=inverse, counts=counts, shape=tuple(modality.shape))
 
     @property
     def n_groups(self) -> int:
         return len(self.counts)
 
+    def sort(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) in sequence order -> (N, ...) in group order."""
+        return x if self.order is None else x[self.order]
+
+    def unsort(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) in group order -> (N, ...) in sequence order."""
+        return x if self.inverse is None else x[self.inverse]
+
 
 class PerModality(nn.Module):
-    """``groups[m]`` processes the tokens of group m; the output keeps the input's token order."""
+    """``groups[m]`` processes the tokens of group m. Input and output are (N, D) in group order."""
 
     def __init__(self, make: Callable[[], nn.Module], n_groups: int):
         super().__init__()
         self.groups = nn.ModuleList(make() for _ in range(n_groups))
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D_out)."""
+        """x (N, D) sorted by group -> (N, D_out): each group's module on its contiguous slice."""
         if len(self.groups) == 1:
             return self.groups[0](x)
-        b, t, d = x.shape
-        xs = x.reshape(b * t, d)[routing.order].split(routing.counts)  # per group (N_m, D)
-        ys = torch.cat([g(xm) for g, xm in zip(self.groups, xs)])  # (N, D_out), sorted by group
-        return ys[routing.inverse].reshape(b, t, -1)
+        return torch.cat([g(xm) for g, xm in zip(self.groups, x.split(routing.counts))])
 
 
 def untie_from_dense(mot: nn.Module, dense: nn.Module) -> None:

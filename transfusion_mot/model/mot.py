@@ -159,13 +159,16 @@ class Block(nn.Module):
             self.ffn = PerModality(lambda: Sublayer(SwiGLU(cfg.dim, cfg.hidden), cfg, norm_input=True), g)
 
     def forward(self, x, routing: Routing, rope, mask, cache: KVCache | None = None, valid=None) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x, routing).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        """x (N, D) in group order (see ``Routing``) -> (N, D). Attention runs in the (B, T) layout."""
+        b, t = routing.shape
+        d = self.dim
+        qkv = routing.unsort(self.qkv(x, routing))  # (N, 3D) in sequence order
+        q, k, v = qkv.view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # (B, H, T, hd)
         if cache is not None:
             k, v = cache.extend(self.layer, k, v)
-        a = attend(q, k, v, mask).transpose(1, 2).reshape(b, t, d)
-        h = x + self.out(a, routing)
+        a = attend(q, k, v, mask).transpose(1, 2).reshape(b * t, d)
+        h = x + self.out(routing.sort(a), routing)
         if isinstance(self.ffn, PerModality):
             return h + self.ffn(h, routing)
         return h + self.ffn(h, valid)
@@ -192,14 +195,19 @@ class Backbone(nn.Module):
         self.checkpointing = False  # activation checkpointing per block (set by the trainer)
 
     def forward(self, x, modality, position, mask, cache: KVCache | None = None, valid=None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). The residual stream lives in group order between the layers."""
+        b, t, d = x.shape
         routing = Routing.from_modality(modality, self.cfg.n_groups)  # once per batch, for every layer
         rope = self.rotary(position)
+        x = routing.sort(x.reshape(b * t, d))  # (N, D) in group order
+        if valid is not None:
+            valid = routing.sort(valid.reshape(-1))
         for block in self.blocks:
             if self.checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, routing, rope, mask, None, valid, use_reentrant=False)
             else:
                 x = block(x, routing, rope, mask, cache, valid)
-        return self.norm(x, routing)
+        return routing.unsort(self.norm(x, routing)).reshape(b, t, d)
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE load-balancing losses of the last forward (0 for dense / MoT / expert choice)."""

@@ -1,0 +1,77 @@
+"""eval/compare_archs.py: the smoke mode writes the plot, the table and the headline figures, finished
+runs are skipped on a re-run, and the FLOPs-to-reach interpolation reads curves the way the paper does."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "eval"))
+from compare_archs import flops_to_reach, plan  # noqa: E402
+
+SCRIPT = REPO / "eval" / "compare_archs.py"
+HEADLINE = ("mot_vs_dense", "moe_vs_dense", "mot_vs_dense_large", "seed_spread")
+
+
+def _smoke(out, *extra) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # conftest set TRANSFUSION_MOT_CACHE & co. in os.environ
+    return subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--settings", "shapes", *extra],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_smoke_writes_plot_table_and_headline(tmp_path):
+    res = _smoke(tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for suffix in ("png", "md", "json"):
+        assert (tmp_path / f"compare_archs.{suffix}").stat().st_size > 0
+    record = json.loads((tmp_path / "compare_archs.json").read_text())
+    head = record["headline"]["shapes"]
+    assert set(HEADLINE) <= set(head)
+    assert set(head["seed_spread"]) >= {"mot", "dense"}  # two seeds of the headline pair
+    runs = {r["arm"] + f"-s{r['seed']}": r for r in record["settings"]["shapes"]["runs"]}
+    assert set(runs) == {"dense-s0", "mot-s0", "moe-s0", "dense_large-s0", "mot-s1", "dense-s1"}
+    # Equal FLOPs per token for dense / MoT (MoE adds only its router); the larger dense costs more.
+    assert runs["mot-s0"]["flops_per_token"] == runs["dense-s0"]["flops_per_token"]
+    assert runs["dense_large-s0"]["flops_per_token"] > 1.4 * runs["dense-s0"]["flops_per_token"]
+    assert runs["mot-s0"]["params_total"] > runs["mot-s0"]["params_active"] == runs["dense-s0"]["params_active"]
+    for r in runs.values():
+        assert len(r["curve"]) >= 2 and r["curve"][-1]["step"] == r["steps"]
+        assert all(math.isfinite(c["val_flow"]) and c["flops"] > 0 for c in r["curve"])
+        assert 0 <= r["final"]["prompt_following"] <= 1
+    md = (tmp_path / "compare_archs.md").read_text()
+    assert record["commit"] in md and "--smoke" in md and "dense's final image loss" in md
+
+    # Re-running trains nothing: every run is finished, the results are rebuilt from the run dirs.
+    (tmp_path / "compare_archs.json").unlink()
+    again = _smoke(tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "training" not in again.stdout
+    assert json.loads((tmp_path / "compare_archs.json").read_text())["headline"] == record["headline"]
+
+
+def test_a_run_dir_is_not_reused_under_another_budget(tmp_path):
+    first = _smoke(tmp_path, "--archs", "dense", "--seeds", "0")
+    assert first.returncode == 0, first.stderr[-3000:]
+    res = _smoke(tmp_path, "--archs", "dense", "--seeds", "0", "--steps", "6")
+    assert res.returncode != 0 and "train.steps" in res.stderr and "another --out" in res.stderr
+
+
+def test_bad_flags_are_named(tmp_path):
+    res = _smoke(tmp_path, "--archs", "dense,transformer")
+    assert res.returncode == 2 and "'transformer'" in res.stderr
+
+
+def test_flops_to_reach_interpolates_in_log_flops():
+    curve = [{"flops": 1e12, "l": 2.0}, {"flops": 1e14, "l": 1.0}, {"flops": 1e15, "l": 0.5}]
+    assert flops_to_reach(curve, "l", 1.5) == pytest.approx(1e13)  # halfway in log-FLOPs
+    assert flops_to_reach(curve, "l", 0.5) == pytest.approx(1e15)
+    assert flops_to_reach(curve, "l", 0.4) is None  # never reached
+    assert flops_to_reach(curve, "l", 3.0) == 1e12  # reached by the first point: an upper bound
+
+
+def test_plan_trains_the_headline_pair_with_every_seed():
+    assert plan(["dense", "mot", "moe"], [0, 1, 2]) == [("dense", 0), ("mot", 0), ("moe", 0), ("dense", 1),
+                                                         ("mot", 1), ("dense", 2), ("mot", 2)]
