@@ -78,3 +78,61 @@ def write_results(name: str, data: dict, markdown: str, out_dir: Path | None = N
     (out_dir / f"{name}.md").write_text(markdown.replace("{header}", header) if "{header}" in markdown
                                         else header + markdown)
     return out_dir / f"{name}.json"
+
+
+# ---------------------------------------------------------------- prompts and resumable generation
+def read_prompts(path: str | Path, n: int | None = None) -> list[str]:
+    """Prompts from a .txt (one per line), .csv (a ``prompt`` column, e.g. COCO-30K), .tsv (``Prompt``,
+    PartiPrompts) or .jsonl (``prompt`` field, GenEval metadata). CSV/TSV go through a CSV reader:
+    COCO-30K has prompts with embedded newlines."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: prompts file {path} does not exist")
+    if path.suffix in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+        key = next((k for k in ("prompt", "Prompt", "caption", "text") if rows and k in rows[0]), None)
+        if key is None:
+            raise SystemExit(f"error: {path} has no prompt column (columns: {list(rows[0]) if rows else []})")
+        prompts = [" ".join(r[key].split()) for r in rows]
+    elif path.suffix == ".jsonl":
+        prompts = [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [p for p in prompts if p]
+    return prompts[:n] if n else prompts
+
+
+def generate_missing(pipe, prompts: list[str], out_dir: Path, steps: int, cfg_scale: float, seed: int = 0,
+                     batch_size: int = 16) -> list[Path]:
+    """``out_dir/{i:06d}.png`` for every prompt; chunks whose images all exist are skipped, so a killed
+    run continues where it stopped and gives the same images (image i is seeded by its index)."""
+    from PIL import Image as PILImage
+    from tqdm.auto import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{i:06d}.png" for i in range(len(prompts))]
+    todo = [s for s in range(0, len(prompts), batch_size) if not all(p.exists() for p in paths[s:s + batch_size])]
+    for start in tqdm(todo, desc=f"generating ({len(prompts)} images)", disable=not todo):
+        chunk = prompts[start:start + batch_size]
+        images = pipe.generate(chunk, steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
+                               first_index=start)
+        for path, img in zip(paths[start:start + batch_size], images):
+            if not path.exists():
+                tmp = path.with_suffix(".tmp.png")
+                PILImage.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(tmp)
+                tmp.replace(path)
+    return paths
+
+
+def add_generation_args(p) -> None:
+    p.add_argument("--ckpt", required=True, help="run directory (or its model/ folder)")
+    p.add_argument("--prompts", required=True, help=".txt / .csv (COCO-30K) / .tsv (Parti) / .jsonl (GenEval)")
+    p.add_argument("--n", type=int, default=None, help="first N prompts (default all)")
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, help="folder for images/, results.json and results.md")

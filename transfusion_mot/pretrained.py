@@ -34,14 +34,17 @@ class Pipeline:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], steps: int | None = None, cfg_scale: float | None = None,
-                 seed: int = 0, n: int = 1, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
-        """Images (len(prompts) * n, 3, H, W) in [0, 1], prompt-major order."""
+                 seed: int = 0, n: int = 1, batch_size: int = 16, progress: bool = False,
+                 first_index: int = 0) -> torch.Tensor:
+        """Images (len(prompts) * n, 3, H, W) in [0, 1], prompt-major order (``first_index``: see
+        ``sample.generate_images``)."""
         from .sample import generate_images
 
         s = self.cfg.sample
         latents = generate_images(self.model, self.encode_prompts(prompts), self.specials,
                                   steps=steps or s.steps, cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
-                                  seed=seed, n_per_prompt=n, batch_size=batch_size, progress=progress)
+                                  seed=seed, n_per_prompt=n, batch_size=batch_size, progress=progress,
+                                  scheduler=s.scheduler, first_index=first_index)
         return self.codec.decode(latents).float().clamp(0, 1)
 
     def generate_to_dir(self, prompts: list[str], out: str | Path, **kw) -> list[Path]:

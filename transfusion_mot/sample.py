@@ -218,9 +218,11 @@ def _uncached_velocity(model, prefixes: list[list[int]], x: torch.Tensor, t: tor
 @torch.no_grad()
 def generate_images(model, prompt_ids: list[list[int]], specials: Specials, steps: int = 250, cfg_scale: float = 4.0,
                     seed: int = 0, n_per_prompt: int = 1, batch_size: int = 16, scheduler: str = "euler",
-                    shift: float = 1.0, use_cache: bool = True, progress: bool = False) -> torch.Tensor:
+                    shift: float = 1.0, use_cache: bool = True, progress: bool = False,
+                    first_index: int = 0) -> torch.Tensor:
     """Latents (len(prompts) * n_per_prompt, C, h, w), prompt-major. Image k's noise is seeded by
-    ``seed * 1_000_003 + k``: the same seed gives the same images whatever the batch size."""
+    ``seed * 1_000_003 + first_index + k``: the same seed gives the same images whatever the batch size,
+    and a long job can be generated in pieces (``first_index``) with the same result."""
     _check_args(steps, cfg_scale)
     if not prompt_ids:
         raise ValueError("no prompts given")
@@ -236,7 +238,7 @@ def generate_images(model, prompt_ids: list[list[int]], specials: Specials, step
     bar = tqdm(total=len(jobs), desc="images", disable=not progress)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        seeds = [seed * 1_000_003 + start + k for k in range(len(chunk))]
+        seeds = [seed * 1_000_003 + first_index + start + k for k in range(len(chunk))]
         noise = _initial_noise(shape, seeds, device)
         ids = [prompt_ids[i] for i, _ in chunk]
         out.append(sample_latents(model, ids, specials, noise, steps, cfg_scale, scheduler, shift, use_cache))

@@ -51,7 +51,9 @@ class LatentCache:
             path = self._path(key)
             try:
                 out.append(torch.load(path, map_location="cpu", weights_only=True))
-            except (FileNotFoundError, RuntimeError, EOFError):
+            except FileNotFoundError:
+                out.append(None)
+            except Exception:  # a truncated or corrupt file (any unpickling error) is a miss: re-encode it
                 out.append(None)
         return out
 

@@ -1,0 +1,64 @@
+"""FID of images generated from a prompt list against reference images (COCO-30K style).
+
+    python eval/fid.py --ckpt runs/main --prompts ../shared/assets/prompts/coco_30k.csv --ref-dir COCO_VAL \
+        --n 30000 --out eval_out/fid [--backend clean-fid|torchmetrics] [--inception PATH]
+    python eval/fid.py ... --features resnet56 --features-weights resnet56-cifar10.th   # reports FD-resnet56
+
+The Inception (or feature) weights are checked before anything is generated: offline and missing, the
+script stops with the file name, where to put it and the flag. Generation is batched, seeded and
+resumable (existing images are kept).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from common import add_generation_args, generate_missing, md_table, read_prompts, write_results
+
+from transfusion_mot.metrics import MissingWeights
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_generation_args(p)
+    p.add_argument("--ref-dir", required=True, help="reference images (e.g. COCO val2014 for COCO-30K)")
+    p.add_argument("--backend", default="clean-fid", choices=["clean-fid", "torchmetrics"])
+    p.add_argument("--inception", default=None, help="local Inception weights file for the backend")
+    p.add_argument("--features", default=None, help="another feature network (e.g. resnet56): reported as FD-<name>")
+    p.add_argument("--features-weights", default=None)
+    args = p.parse_args(argv)
+    from transfusion_mot.metrics.fid import compute_fd, compute_fid, list_images, require_inception
+
+    try:  # weights first: never generate 30k images and then fail
+        if args.features:
+            from transfusion_mot.metrics.features import build_feature_extractor
+
+            extractor = build_feature_extractor(args.features, args.features_weights)
+        else:
+            require_inception(args.backend, args.inception)
+    except MissingWeights as e:
+        raise SystemExit(f"error: {e}")
+    if not list_images(args.ref_dir):
+        raise SystemExit(f"error: no images in --ref-dir {args.ref_dir}")
+    from transfusion_mot import from_pretrained
+
+    prompts = read_prompts(args.prompts, args.n)
+    out = Path(args.out)
+    pipe = from_pretrained(args.ckpt)
+    paths = generate_missing(pipe, prompts, out / "images", args.steps, args.cfg, args.seed, args.batch_size)
+    if args.features:
+        score = compute_fd(paths, args.ref_dir, extractor)
+        name, value = score.name, score.value
+    else:
+        name, value = "FID", compute_fid(paths, args.ref_dir, args.backend, args.inception)
+    result = {"metric": name, "value": value, "backend": None if args.features else args.backend,
+              "n": len(prompts), "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "ckpt": args.ckpt,
+              "prompts": args.prompts, "ref_dir": args.ref_dir}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_results("results", result, f"# {name}\n\n{{header}}" + md_table([result]) + "\n", out)
+    print(f"{name} = {value:.4f} ({len(prompts)} images)")
+
+
+if __name__ == "__main__":
+    main()
