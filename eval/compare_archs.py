@@ -68,6 +68,7 @@ class Run:
     flops_per_token: float
     tokens_per_step: float
     wall_s: float
+    cpu_s: float
     curve: list[dict] = field(default_factory=list)  # step, flops, val_flow, val_lm, val_ppl, val_caption_nll
     final: dict = field(default_factory=dict)  # results.json of the run
 
@@ -148,19 +149,20 @@ def is_done(run_dir: Path) -> bool:
 
 
 def train_run(cfg: Config, run_dir: Path) -> None:
-    """Train (or resume) one run, adding this invocation's seconds to its wall-clock even if interrupted."""
-    wall_file = run_dir / WALL
-    t0 = time.perf_counter()
+    """Train (or resume) one run, adding this invocation's wall-clock and CPU seconds to the run's
+    totals even if interrupted. CPU seconds (all threads) tell a busy machine from a slow model."""
+    partial = run_dir / (WALL + ".partial")
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         train(cfg, evaluate_at_end=True)
     finally:
-        spent = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else 0.0
+        spent = json.loads(partial.read_text()) if partial.exists() else {"seconds": 0.0, "cpu_seconds": 0.0}
+        spent = {"seconds": spent["seconds"] + time.perf_counter() - t0,
+                 "cpu_seconds": spent["cpu_seconds"] + time.process_time() - c0}
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / (WALL + ".tmp")).write_text(json.dumps({"seconds": spent + time.perf_counter() - t0}))
-        if (run_dir / "results.json").exists():  # finished: the wall-clock is final
-            (run_dir / (WALL + ".tmp")).replace(wall_file)
-        else:
-            (run_dir / (WALL + ".tmp")).replace(run_dir / (WALL + ".partial"))
+        partial.write_text(json.dumps(spent))
+        if (run_dir / "results.json").exists():  # finished: the totals are final
+            partial.replace(run_dir / WALL)
 
 
 def data_stats(cfg: Config, tokenizer, n: int = 256) -> tuple[float, float]:
@@ -199,9 +201,9 @@ def read_run(cfg: Config, setting: str, arm: str, run_dir: Path, stats: tuple[fl
     keys = ("val_flow", "val_lm", "val_ppl", "val_caption_nll")
     curve = [{"step": r["step"], "flops": fpt * tokens_per_step * r["step"], **{k: r.get(k) for k in keys}}
              for r in rows if "val_flow" in r]
-    wall = json.loads((run_dir / WALL).read_text())["seconds"]
+    spent = json.loads((run_dir / WALL).read_text())
     return Run(setting, arm, cfg.model.arch, cfg.train.seed, cfg.train.steps, model.num_params(),
-               model.num_params(active=True), fpt, tokens_per_step, wall, curve,
+               model.num_params(active=True), fpt, tokens_per_step, spent["seconds"], spent["cpu_seconds"], curve,
                json.loads((run_dir / "results.json").read_text()))
 
 
@@ -324,7 +326,8 @@ def table_rows(runs: list[Run]) -> list[dict]:
              "train PFLOPs": r.total_flops / 1e15, "val diffusion loss": r.curve[-1]["val_flow"],
              "val text loss": r.curve[-1]["val_lm"], "val ppl": r.curve[-1]["val_ppl"],
              "val caption NLL": r.curve[-1]["val_caption_nll"],
-             "prompt-following": r.final.get("prompt_following", "-"), "wall (min)": r.wall_s / 60}
+             "prompt-following": r.final.get("prompt_following", "-"), "wall (min)": r.wall_s / 60,
+             "CPU (min)": r.cpu_s / 60}
             for r in runs]
 
 
@@ -334,7 +337,8 @@ def markdown(runs: dict[str, list[Run]], heads: dict[str, dict], skipped: dict[s
              "total parameters, ~2x its FLOPs/token). Losses are the runs' validation losses on held-out "
              "data with a fixed t grid and fixed noise. Training FLOPs = FLOPs/token (6 per active weight + "
              "attention, `components/flops.py`) x tokens seen (examples x estimated tokens per example). "
-             "Wall-clock includes the runs' periodic validation and final sampling.", "",
+             "Wall-clock and CPU time (all threads; a busy machine inflates the first, not the second) "
+             "include the runs' periodic validation and final sampling.", "",
              f"![curves]({NAME}.png)", ""]
     for setting, note in skipped.items():
         lines += [f"**{setting}: skipped** ({note})", ""]

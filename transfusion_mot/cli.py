@@ -49,7 +49,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         raise SystemExit("error: give at least one --prompt or a --prompts-file")
     empty = [i for i, p in enumerate(prompts) if not p.strip()]
     if empty:
-        raise SystemExit(f"error: prompt {empty[0]} is empty (use --cfg 0 semantics via an explicit prompt instead)")
+        raise SystemExit(f"error: prompt {empty[0]} is empty; give a text prompt "
+                         "(for an unconditional sample, use any prompt with --cfg 0)")
     return prompts
 
 
@@ -73,8 +74,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --steps {args.steps} must be >= 1")
     if args.cfg < 0:
         raise SystemExit(f"error: --cfg {args.cfg} must be >= 0")
+    pipe = from_pretrained(args.ckpt)  # a missing or incompatible checkpoint stops here, before the output dir
     out = _check_out_dir(args.out)
-    pipe = from_pretrained(args.ckpt)
     paths = pipe.generate_to_dir(prompts, out, steps=args.steps, cfg_scale=args.cfg, seed=args.seed, n=args.n)
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
 
