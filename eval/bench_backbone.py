@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import common
 
 from transfusion_mot.config import load_config
 from transfusion_mot.data.packing import IMAGE, Specials, pack
@@ -185,15 +184,7 @@ def profile(result: dict, top: int = 8) -> str:
 
 # ---------------------------------------------------------------- report
 def machine() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": "cpu", "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "commit": commit,
-            "load_average_1m": round(os.getloadavg()[0], 2)}  # other jobs on the machine add noise
+    return {**common.machine(), "commit": common.commit()}
 
 
 def write(results: list[dict], info: dict, command: str, profiles: str, out: Path) -> None:

@@ -31,7 +31,8 @@ def commit() -> str:
 def machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine()}
+            "processor": platform.processor() or platform.machine(),
+            "load_average_1m": round(os.getloadavg()[0], 2)}  # other jobs on the machine add noise
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     info["device"] = info.get("gpu", f"CPU ({info['cpus']} cores)")

@@ -110,7 +110,8 @@ def shapes_vae(tmp_path_factory) -> Path:
         c, resolution = CodecConfig(), DataConfig().resolution
         folder = get_or_train_vae("shapes-test-vae", shapes_images("train", resolution), c.cache_dir,
                                   resolution=resolution, steps=c.vae_steps, channels=tuple(c.vae_channels),
-                                  latent_channels=c.vae_latent_channels)
+                                  latent_channels=c.vae_latent_channels,
+                                  eval_images=shapes_images("val", resolution))
     finally:
         if old is None:
             os.environ.pop(CACHE_ENV, None)

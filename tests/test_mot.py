@@ -1,5 +1,4 @@
 """MoT invariants: tied == dense, upcycling, gradient isolation, routing, equal FLOPs per token."""
-import copy
 
 import pytest
 import torch

@@ -49,7 +49,6 @@ def debug_vae() -> Path:
     return train_codec_for(load_config(str(REPO / "configs" / "debug.yaml")))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, debug_vae):
     from nbclient import NotebookClient

@@ -8,8 +8,8 @@ import torch.nn as nn
 from helpers import SPECIALS, debug_model
 
 from transfusion_mot import sample
-from transfusion_mot.data.packing import IMAGE, TEXT, pack
-from transfusion_mot.data.segments import Image, Text
+from transfusion_mot.data.packing import TEXT, pack
+from transfusion_mot.data.segments import Text
 from transfusion_mot.model.transfusion import Outputs
 
 

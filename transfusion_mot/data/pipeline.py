@@ -20,6 +20,7 @@ import torch
 
 from ..config import CodecConfig, Config, DataConfig
 from .packing import Batch, Specials, pack
+from .sources import SkipStats
 from .segments import Image, Record, Text
 
 
@@ -126,7 +127,7 @@ class ExampleSource(torch.utils.data.Dataset):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
         return int(perm[i])
 
-    def prepare(self, p: int, skips: "SkipStats", record: Record | None = None) -> Prepared | None:
+    def prepare(self, p: int, skips: SkipStats, record: Record | None = None) -> Prepared | None:
         from .sources import BadRecord
 
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + p)
@@ -147,10 +148,8 @@ class ExampleSource(torch.utils.data.Dataset):
             ids = []
         return Prepared(p, record.key, pixels, ids, caption_first)
 
-    def __getitem__(self, g: int) -> tuple[list[Prepared], "SkipStats"]:
+    def __getitem__(self, g: int) -> tuple[list[Prepared], SkipStats]:
         """Batch g's examples, and the records skipped on the way (workers report them this way)."""
-        from .sources import SkipStats
-
         skips = SkipStats()
         examples = [ex for p in self.positions(g) if (ex := self.prepare(p, skips)) is not None]
         return examples, skips
