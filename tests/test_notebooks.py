@@ -50,9 +50,10 @@ def debug_vae() -> Path:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, debug_vae):
+def test_notebook_runs(path, debug_vae, tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's tempfile.mkdtemp (the notebook's runs) lands here
     nb = _read(path)
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})  # cwd = notebooks/, as nbmake

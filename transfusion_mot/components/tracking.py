@@ -36,14 +36,12 @@ class MetricsLog:
 
 def plot_losses(records: list[dict], out: str | Path, title: str = "") -> Path:
     """Text loss, flow loss and learning rate against step (validation points where present)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
 
     train = [r for r in records if "loss_lm" in r]
     val = [r for r in records if "val_flow" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
     for ax, key, label in ((axes[0], "loss_lm", "text loss (nats/token)"), (axes[1], "loss_flow", "flow loss (MSE)")):
         ax.plot([r["step"] for r in train], [r[key] for r in train], lw=1, label="train")
         ax.set_title(label)
@@ -61,22 +59,19 @@ def plot_losses(records: list[dict], out: str | Path, title: str = "") -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return Path(out)
 
 
 def save_grid(images: torch.Tensor, captions: list[str], out: str | Path, ncol: int = 8,
               marks: list[float] | None = None) -> Path:
     """(N, 3, H, W) in [0, 1] -> one PNG, each image with its prompt (and score) underneath."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
 
     n = images.shape[0]
     ncol = min(ncol, n)
     nrow = math.ceil(n / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.9 * ncol, 2.45 * nrow), squeeze=False)
+    fig = Figure(figsize=(1.9 * ncol, 2.45 * nrow))
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i in range(n):
@@ -88,5 +83,4 @@ def save_grid(images: torch.Tensor, captions: list[str], out: str | Path, ncol: 
         ax.set_title(label, fontsize=6.5, y=-0.02, va="top")
     fig.tight_layout(h_pad=0.4, w_pad=0.2)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return Path(out)
