@@ -38,18 +38,23 @@ from transfusion_mot.train import train
 NAME = "compare_archs"
 PAIR = ("mot", "dense")  # the headline pair, trained with every seed in --seeds
 ARMS = ("dense", "mot", "moe", "dense_large")
-N_EVALS = 8  # validation points per run (the curves)
-WALL = "compare_wall.json"  # seconds spent in train() for this run, summed over resumed invocations
+N_EVALS = 6  # validation points per run (the curves)
+WALL = "compare_wall.json"  # wall-clock and CPU seconds in train() for this run, summed over resumed invocations
 
-# Default steps per setting, measured on the shared 2-core CPU (see the module's report in the PR):
-# 6 runs per setting (dense, mot, moe, dense_large = 2 units, and the second seed of mot and dense).
-DEFAULT_STEPS = {"shapes": 300, "flickr": 300}
+# Default steps per setting, sized from runs measured on the shared 2-core CPU (a dense shapes run:
+# ~0.7 s/step, 64 prompts x 25 sampling steps = 151 s, a 64-pair validation ~14 s, all at load 5-7;
+# about half of that on an idle machine). 6 runs per setting (dense_large counts twice, MoE ~1.3x)
+# plus the one-off shapes VAE (~15 CPU-minutes when not cached) come to ~40 minutes for both settings.
+DEFAULT_STEPS = {"shapes": 250, "flickr": 200}
 SMOKE_STEPS = 4
 
-# Quick evaluation: the losses are on fixed examples and fixed noise, so 64 pairs already compare
-# runs paired (same examples, same noise); sampling with 25 Euler steps keeps prompt-following cheap.
-EVAL = ["eval.val_examples=64", "eval.val_t_grid=8", "eval.sample_steps=25", "eval.batch_size=32",
+# Quick evaluation: the losses are on fixed examples and fixed noise, so 32 pairs already compare
+# runs paired (same examples, same noise). Sampling dominates a short run's cost, so prompt-following
+# uses 32 prompts x 20 Euler steps on shapes and the flickr grid only 8 prompts. The short schedule
+# warms up for 10% of the steps (the small configs' 100 would be 40% of the default budget).
+EVAL = ["eval.val_examples=32", "eval.val_t_grid=8", "eval.sample_steps=20", "eval.batch_size=32",
         "train.ema_decay=0", "train.log_every=10"]
+PROMPTS = {"shapes": 32, "flickr": 8}
 SMOKE_EVAL = ["eval.val_examples=8", "eval.val_t_grid=2", "eval.sample_steps=2", "eval.n_prompts=4",
               "train.ema_decay=0", "train.log_every=1", "codec.vae_steps=4"]
 
@@ -112,9 +117,10 @@ def arm_config(setting: str, arm: str, seed: int, steps: int, run_dir: Path, ass
         overrides.append(f"model.n_layers={2 * load_config(str(base), check=False).model.n_layers}")
     if setting == "flickr":
         resolution = load_config(str(base), check=False).data.resolution
-        overrides += flickr_overrides(assets, resolution) + ["eval.n_prompts=16" if not smoke else "eval.n_prompts=4"]
+        overrides += flickr_overrides(assets, resolution)
     every = max(1, steps // N_EVALS)
-    overrides += SMOKE_EVAL if smoke else EVAL
+    overrides += SMOKE_EVAL if smoke else [*EVAL, f"eval.n_prompts={PROMPTS[setting]}",
+                                           f"optim.warmup_steps={max(1, steps // 10)}"]
     overrides += [f"train.steps={steps}", f"train.seed={seed}", f"train.out_dir={run_dir}", "train.resume=auto",
                   f"train.eval_every={every}", f"train.save_every={every}", "train.keep_checkpoints=1", *extra]
     return load_config(str(base), overrides)
