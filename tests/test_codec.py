@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image as PILImage
 
 from transfusion_mot.config import CodecConfig, DataConfig
 from transfusion_mot.data import taef2
@@ -66,7 +67,11 @@ def test_taef2_matches_manifest_reference(taef2_codec: LatentCodec, assets_dir: 
 
 
 def test_taef2_flickr_round_trip(taef2_codec: LatentCodec, assets_dir: Path):
-    x = flickr_pixels(assets_dir)  # first 16 sorted images, 128 px
+    from transfusion_mot.data.sources import ImageTransform
+
+    files = sorted((assets_dir / "images" / "flickr8k-1000").glob("*.jpg"))[:16]  # the first 16, as training reads them
+    tf = ImageTransform(128)
+    x = torch.stack([tf(PILImage.open(f)) for f in files])
     z = taef2_codec.encode(x)
     assert z.shape == (16, 32, 16, 16) and taef2_codec.latent_size(128) == 16
     assert 0.6 < z.std() < 1.2  # raw latents are roughly unit scale (MANIFEST: std ~0.9)
@@ -74,9 +79,10 @@ def test_taef2_flickr_round_trip(taef2_codec: LatentCodec, assets_dir: Path):
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
     mean_psnr = psnr(y, x).mean().item()
     print(f"TAEF2 mean PSNR on 16 Flickr8k images at 128 px: {mean_psnr:.2f} dB")
-    # Measured 26.71 dB (26.70 through sources.ImageTransform; 28.12 with a bilinear resize): these 16 are
-    # harder than the MANIFEST's 4. The network itself is pinned by test_taef2_matches_manifest_reference.
-    assert mean_psnr >= 26.5
+    # Through the data pipeline's transform (bilinear, as torchvision/diffusers resize): ~28.1 dB. A bicubic
+    # resize sharpens and gives 26.7 dB on these 16; the network itself is pinned to the MANIFEST's per-image
+    # values by test_taef2_matches_manifest_reference.
+    assert mean_psnr >= 27.0
 
 
 def test_taef2_bad_resolution(taef2_codec: LatentCodec):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import CodecConfig, Config, DataConfig
+from ..config import Config, DataConfig
 from .packing import Batch, Specials, pack
 from .sources import SkipStats
 from .segments import Image, Record, Text
@@ -230,10 +230,9 @@ def prepare_tokenizer(cfg: Config):
 
 
 def _cache_root(cfg: Config) -> Path:
-    root = cfg.codec.cache_dir
-    if root == CodecConfig.cache_dir and os.environ.get("TRANSFUSION_MOT_CACHE"):
-        root = os.environ["TRANSFUSION_MOT_CACHE"]
-    return Path(root).expanduser()
+    from .latent_cache import resolve_cache_dir
+
+    return resolve_cache_dir(cfg.codec.cache_dir)
 
 
 def _records_name(records) -> str:
@@ -279,6 +278,7 @@ def train_codec_for(cfg: Config, out: Path | None = None) -> Path:
     kwargs = dict(resolution=cfg.data.resolution, steps=c.vae_steps, channels=tuple(c.vae_channels),
                   latent_channels=c.vae_latent_channels, seed=cfg.train.seed, name=_records_name(records))
     images = _vae_images(records, cfg.data.resolution, seed=cfg.train.seed)
+    kwargs["eval_images"] = _vae_images(build_records(cfg.data, "val"), cfg.data.resolution)  # PSNR on held-out
     if out is not None:
         return train_vae(images, Path(out), **kwargs)
     return get_or_train_vae(vae_key(cfg, records), images, _cache_root(cfg), **kwargs)

@@ -100,7 +100,8 @@ class ImageTransform:
         scale = r / min(w, h)
         new_w, new_h = max(r, round(w * scale)), max(r, round(h * scale))
         if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), PILImage.Resampling.BICUBIC)  # PIL antialiases when shrinking
+            # bilinear, antialiased when shrinking: torchvision's Resize default and diffusers' training scripts
+            image = image.resize((new_w, new_h), PILImage.Resampling.BILINEAR)
         if self.crop == "center":
             left, top = (new_w - r) // 2, (new_h - r) // 2
         else:

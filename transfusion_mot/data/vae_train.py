@@ -65,7 +65,9 @@ def train_vae(images: ImageBatches, out_dir: str | Path, resolution: int, steps:
     vae = build_vae(channels, latent_channels, resolution).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    for step in range(steps):
+    from tqdm.auto import tqdm
+
+    for step in tqdm(range(steps), desc=f"vae ({name or 'data'})", dynamic_ncols=True):
         x = _check_batch(images(step), resolution, step)[:batch_size]  # (B, 3, R, R)
         if train_crop and train_crop < resolution:
             x = _random_crops(x, train_crop, gen)  # (B, 3, c, c)
