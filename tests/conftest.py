@@ -43,3 +43,13 @@ def debug_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("debug_run")
     cfg = load_config(str(REPO / "configs" / "debug.yaml"), debug_overrides(out, "train.steps=12"))
     return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def main_vae() -> Path:
+    """The main job's VAE (configs/main.yaml), trained once per session into the session's cache dir
+    (TRANSFUSION_MOT_CACHE); the main-job test then finds it there instead of training again."""
+    from transfusion_mot.config import load_config
+    from transfusion_mot.data.pipeline import train_codec_for
+
+    return train_codec_for(load_config(str(REPO / "configs" / "main.yaml")))

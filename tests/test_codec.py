@@ -107,24 +107,9 @@ def shapes_images(split: str, resolution: int, batch_size: int = 16):
 
 
 @pytest.fixture(scope="session")
-def shapes_vae(tmp_path_factory) -> Path:
-    """The main job's VAE (default codec settings, shapes at 64 px), trained once per test session."""
-    cache = tmp_path_factory.mktemp("tfm-cache")
-    old = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(cache)
-    try:
-        c, resolution = CodecConfig(), DataConfig().resolution
-        folder = get_or_train_vae("shapes-test-vae", shapes_images("train", resolution), c.cache_dir,
-                                  resolution=resolution, steps=c.vae_steps, channels=tuple(c.vae_channels),
-                                  latent_channels=c.vae_latent_channels,
-                                  eval_images=shapes_images("val", resolution))
-    finally:
-        if old is None:
-            os.environ.pop(CACHE_ENV, None)
-        else:
-            os.environ[CACHE_ENV] = old
-    assert folder.parent.parent == cache  # the env var redirected the default cache dir
-    return folder
+def shapes_vae(main_vae: Path) -> Path:
+    """The main job's VAE (configs/main.yaml), trained once per session (conftest.main_vae)."""
+    return main_vae
 
 
 def test_trained_vae_reconstructs_shapes(shapes_vae: Path):

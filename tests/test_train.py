@@ -143,11 +143,10 @@ def test_trains_on_real_data_sources(tmp_path, kind):
     assert [s for s, *_ in _losses(run)][-1] == 2
 
 
-def test_main_job_command_writes_everything(tmp_path):
+def test_main_job_command_writes_everything(tmp_path, main_vae):
     run = tmp_path / "main"
     cmd = [str(Path(sys.executable).with_name("transfusion-mot")), "main", f"train.out_dir={run}", "train.steps=4",
-           "train.log_every=2", "codec.vae_steps=20", "eval.n_prompts=4", "eval.sample_steps=2",
-           "eval.val_examples=8"]
+           "train.log_every=2", "eval.n_prompts=4", "eval.sample_steps=2", "eval.val_examples=8"]
     res = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     for name in ("config.yaml", "metrics.jsonl", "loss_curves.png", "samples_final.png", "results.json",
@@ -158,3 +157,4 @@ def test_main_job_command_writes_everything(tmp_path):
     for key in ("prompt_following", "prompt_following_chance", "val_flow", "loss_lm"):
         assert key in results
     assert "prompt-following" in res.stdout and "report:" in res.stdout  # the summary table
+    assert "vae (" not in res.stderr  # the session's main-job VAE was reused from the cache, not retrained

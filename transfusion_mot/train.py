@@ -194,7 +194,8 @@ def train(cfg: Config, evaluate_at_end: bool = True) -> Path:
         if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.steps:
             log.write({"step": state.step, **evaluator.validation(_eval_model(ema, model, accelerator))})
         if cfg.train.sample_every and state.step % cfg.train.sample_every == 0 and state.step < cfg.train.steps:
-            evaluator.sample_grid(_eval_model(ema, model, accelerator), tag=f"step{state.step:06d}", quick=True)
+            quick = evaluator.sample_grid(_eval_model(ema, model, accelerator), tag=f"step{state.step:06d}", quick=True)
+            log.write({"step": state.step, **{k: v for k, v in quick.items() if k == "prompt_following"}})
         pause = stop_signal["hit"] or (cfg.train.stop_after and state.step >= cfg.train.stop_after)
         if pause or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
             save_checkpoint(accelerator, run_dir, state.step, cfg, keep=cfg.train.keep_checkpoints)
