@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -10,7 +9,9 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from transfusion_mot.config import CodecConfig, DataConfig
+from conftest import REPO
+
+from transfusion_mot.config import CodecConfig, load_config
 from transfusion_mot.data import taef2
 from transfusion_mot.data.codec import LatentCodec, load_codec
 from transfusion_mot.data.latent_cache import CACHE_ENV, CachedEncoder, LatentCache, resolve_cache_dir
@@ -92,12 +93,12 @@ def test_taef2_bad_resolution(taef2_codec: LatentCodec):
 
 # ---- our trained VAE -----------------------------------------------------------------------------------
 
-def shapes_images(split: str, resolution: int, batch_size: int = 16):
-    """``images(step)`` over a shapes split, as the VAE trainer wants it."""
+def shapes_images(split: str, resolution: int, batch_size: int = 16, **knobs):
+    """``images(step)`` over a shapes split, as the VAE trainer wants it (``knobs``: ShapesDataset's)."""
     from transfusion_mot.data.shapes import ShapesDataset
     from transfusion_mot.data.sources import ImageTransform
 
-    data = ShapesDataset(split, size=50_000, resolution=resolution)
+    data = ShapesDataset(split, size=50_000, resolution=resolution, **knobs)
     tf = ImageTransform(resolution)
 
     def images(step: int) -> torch.Tensor:
@@ -118,7 +119,8 @@ def test_trained_vae_reconstructs_shapes(shapes_vae: Path):
     codec = load_codec(CodecConfig(kind="trained", path=str(shapes_vae)))
     assert (codec.latent_channels, codec.downsample) == (4, 4)
     assert codec.scaling_factor == pytest.approx(meta["scaling_factor"])
-    x = shapes_images("test", 64, batch_size=32)(0)
+    main = load_config(str(REPO / "configs" / "main.yaml")).data  # the data the main job's VAE is trained on
+    x = shapes_images("test", 64, batch_size=32, max_shapes=main.shapes_max_shapes, textured=main.shapes_textured)(0)
     z = codec.encode(x)
     assert z.shape == (32, 4, 16, 16)
     assert 0.7 < z.std() < 1.4 and abs(z.mean()) < 0.3  # scale/shift make latents ~unit variance
