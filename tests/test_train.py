@@ -52,6 +52,8 @@ def _env():
 
 
 def test_two_processes_match_one(tmp_path):
+    # 3 steps: the third loss is the first to see an lr from the schedule after a step (accelerate steps a
+    # prepared scheduler once per process unless told not to; see build_accelerator).
     common = debug_overrides("X", "train.steps=3", "train.log_every=1", "train.save_every=3")
     one = [a.replace("X", str(tmp_path / "one")) for a in common] + ["data.batch_size=4"]
     two = [a.replace("X", str(tmp_path / "two")) for a in common] + ["data.batch_size=2"]

@@ -185,6 +185,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, next(a for a in args if a is not type(None)), key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
     if tp in (int, float, str, bool, tuple) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):

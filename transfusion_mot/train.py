@@ -45,7 +45,11 @@ def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
         trackers = ["tensorboard"]
     except ImportError:
         pass
-    return Accelerator(mixed_precision=mp, log_with=trackers or None, project_dir=str(run_dir))
+    # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule once per process
+    # per optimizer step (it assumes each process sees 1/N of the batches), so N processes would run an
+    # N-times faster warmup/cosine than one process on the same global batch (caught by the 2-process test).
+    return Accelerator(mixed_precision=mp, log_with=trackers or None, project_dir=str(run_dir),
+                       step_scheduler_with_optimizer=False)
 
 
 def setup_model(cfg: Config, vocab_size: int, accelerator: Accelerator):
