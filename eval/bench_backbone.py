@@ -42,14 +42,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SPECIALS = Specials(bos=256, eos=257, pad=258, boi=259, eoi=260)
 GOALS = {"mot_over_dense": 1.10, "dense_over_floor": 1.15}
 MOT_OVERHEAD = (
-    "Where MoT's extra time goes (op counts from the profile, not noise): every PerModality call "
-    "(QKV, output projection and FFN of every layer) gathers its input into group order, splits it, runs "
-    "one matmul per group, concatenates and gathers back; backward adds the zero-fill + index_put of both "
-    "gathers and the split of the cat. That is 2x the matmul launches at half the size and ~10 extra copies "
-    "of a (B*T, D) tensor per call, which weighs most where matmuls are small (debug: D=64) and on a "
-    "contended CPU where every op pays a thread-barrier stall. Fixes in model/modality.py: keep per-group "
-    "index lists in Routing and write each group's output with index_copy_ into one preallocated tensor "
-    "(no cat, one gather fewer in each direction), and skip Routing.from_modality when n_groups == 1.")
+    "Where MoT's extra time goes: the residual stream is kept in group order, so the per-modality QKV, "
+    "output projection, FFN and norms run on contiguous slices with no gather; what remains is one gather "
+    "before attention and one after it per layer (and their backward index_put), the torch.cat that joins "
+    "the groups' outputs, and twice the matmul launches at half the size. On a 2-core CPU with small "
+    "matrices (debug D=64, small D=256) those copies and launches are ~10-15% of the step. Next steps: "
+    "write group outputs into one preallocated tensor (no cat), and fuse the gathers into attention's "
+    "input/output layout (a flex-attention score_mod / block mask over group-ordered tokens on CUDA).")
 ROWS = {"debug": 8, "small": 2}  # batch rows per size: small at 2 rows keeps a run to minutes on 2 cores
 
 
@@ -197,7 +196,7 @@ def write(results: list[dict], info: dict, command: str, profiles: str, out: Pat
 
     lines = ["# Backbone step time: MoT vs dense vs a plain PyTorch floor", "",
              f"Command: `{command}`  ", f"Commit: `{info['commit']}`  ",
-             f"Machine: {info['processor']}, {info['cpu_count']} CPUs ({info['torch_threads']} torch threads), "
+             f"Machine: {info['processor']}, {info['cpus']} CPUs ({info['torch_threads']} torch threads), "
              f"torch {info['torch']}, device {info['device']}, 1-min load average at the end "
              f"{info['load_average_1m']}", "",
              "Forward + backward of the backbone alone, 50/50 text/image tokens (caption->image documents), "
