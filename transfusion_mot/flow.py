@@ -115,13 +115,17 @@ def time_grid(steps: int, shift: float = 1.0) -> list[float]:
 
 @torch.no_grad()
 def euler_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
-                 steps: int = 250, shift: float = 1.0, grid: list[float] | None = None) -> torch.Tensor:
-    """Integrate dx/dt = v(x, t) from t = 1 (``noise``) to t = 0. ``velocity(x, t)`` gets t as (N,)."""
+                 steps: int = 250, shift: float = 1.0, grid: list[float] | None = None,
+                 progress: bool = False) -> torch.Tensor:
+    """Integrate dx/dt = v(x, t) from t = 1 (``noise``) to t = 0. ``velocity(x, t)`` gets t as (N,);
+    ``grid`` (decreasing t values from 1 to 0) replaces the uniform, shifted one."""
+    from tqdm.auto import tqdm
+
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
     grid = grid or time_grid(steps, shift)
     x = noise
-    for t_now, t_next in zip(grid[:-1], grid[1:]):
+    for t_now, t_next in tqdm(list(zip(grid[:-1], grid[1:])), desc="sampling", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), t_now, device=x.device)
         x = x + (t_next - t_now) * velocity(x, t).to(x.dtype)
     return x

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .data.packing import IMAGE, TEXT, Batch, Specials
 from .data.segments import Image, Text
-from .flow import cfg_velocity, shift_time
+from .flow import cfg_velocity, euler_sample, time_grid
 from .model.masks import transfusion_mask
 from .model.mot import KVCache
 
@@ -137,7 +137,7 @@ def time_steps(steps: int, scheduler: str = "euler", shift: float = 1.0) -> list
     """Decreasing t values from 1 to 0. ``scheduler`` other than "euler" takes the sigmas of that
     diffusers flow-matching scheduler (same convention: sigma = t)."""
     if scheduler == "euler":
-        return shift_time(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()
+        return time_grid(steps, shift)
     import diffusers
 
     cls = getattr(diffusers, scheduler, None)
@@ -170,25 +170,19 @@ def sample_latents(model, ctx_ids: list[list[int]], specials: Specials, noise: t
     if guided:
         prefixes += [[specials.bos, specials.boi]] * rows
     device = noise.device
-    grid = time_steps(steps, scheduler, shift)
     if use_cache:
         ctx = Context(model, len(prefixes), device)
         ctx.feed_text(prefixes, specials.pad)
         velocity = lambda x, t: ctx.image_velocity(x, t, specials.pad)  # noqa: E731
     else:
         velocity = lambda x, t: _uncached_velocity(model, prefixes, x, t, specials)  # noqa: E731
-    x = noise
-    bar = tqdm(total=steps, desc="sampling", disable=not progress, leave=False)
-    for t_now, t_next in zip(grid[:-1], grid[1:]):
-        xin = torch.cat([x, x]) if guided else x
-        t = torch.full((xin.shape[0],), t_now, device=device)
-        v = velocity(xin, t).float()
-        if guided:
-            v = cfg_velocity(v[:rows], v[rows:], cfg_scale)
-        x = x + (t_next - t_now) * v.to(x.dtype)
-        bar.update(1)
-    bar.close()
-    return x
+    if guided:  # conditional and unconditional rows in one call
+        one_batch = velocity
+
+        def velocity(x, t):
+            v = one_batch(torch.cat([x, x]), torch.cat([t, t])).float()
+            return cfg_velocity(v[:rows], v[rows:], cfg_scale)
+    return euler_sample(velocity, noise, steps, grid=time_steps(steps, scheduler, shift), progress=progress)
 
 
 def _uncached_velocity(model, prefixes: list[list[int]], x: torch.Tensor, t: torch.Tensor, specials: Specials):
@@ -375,19 +369,16 @@ def generate_interleaved(model, prompt_ids: list[int], specials: Specials, max_n
 def _image_in_context(ctx: Context, specials: Specials, shape, steps: int, cfg_scale: float, seed: int, device):
     """Flow-sample one image whose context is ``ctx`` (ending in BOI), with CFG via a second,
     unconditional context ``BOS, BOI``."""
-    x = _initial_noise(shape, [seed], device)
     uncond = None
     if cfg_scale != 1.0:
         uncond = Context(ctx.model, 1, device)
         uncond.feed_text([[specials.bos, specials.boi]], specials.pad)
-    grid = time_steps(steps)
-    for t_now, t_next in zip(grid[:-1], grid[1:]):
-        t = torch.full((1,), t_now, device=device)
+
+    def velocity(x, t):
         v = ctx.image_velocity(x, t, specials.pad).float()
-        if uncond is not None:
-            v = cfg_velocity(v, uncond.image_velocity(x, t, specials.pad).float(), cfg_scale)
-        x = x + (t_next - t_now) * v.to(x.dtype)
-    return x
+        return v if uncond is None else cfg_velocity(v, uncond.image_velocity(x, t, specials.pad).float(), cfg_scale)
+
+    return euler_sample(velocity, _initial_noise(shape, [seed], device), steps)
 
 
 def truncate_prompt(ids: list[int], limit: int) -> list[int]:
