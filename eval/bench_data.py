@@ -12,26 +12,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from common import REPO, md_table, median_time, write_results
+from common import REPO, bare_step, md_table, median_time, pipeline_stream, write_results
 
-from transfusion_mot import flow
-from transfusion_mot.components.optim import build_optimizer
 from transfusion_mot.config import load_config, replace
-from transfusion_mot.data.packing import Specials
-from transfusion_mot.data.pipeline import (BatchStream, ExampleSource, build_records, examples_per_batch,
-                                           prepare_codec, prepare_tokenizer)
-from transfusion_mot.model import build_model
+from transfusion_mot.data.pipeline import BatchStream, examples_per_batch
 
 GOAL = 3.0
 
 
 def stream_rate(cfg, run_dir: Path, batches: int, workers: int, warm_cache: bool) -> tuple[float, dict]:
     cfg = replace(cfg, data={"num_workers": workers})
-    tokenizer = prepare_tokenizer(cfg)
-    _, encode = prepare_codec(cfg, run_dir)
-    source = ExampleSource(build_records(cfg.data, "train"), tokenizer, cfg)
-    specials = Specials.of(tokenizer)
+    _, encode, source, specials = pipeline_stream(cfg, run_dir)
     if warm_cache:  # one pass over the same positions fills the latent cache
         warm = BatchStream(source, encode, cfg, specials)
         for _ in range(batches):
@@ -48,21 +39,9 @@ def stream_rate(cfg, run_dir: Path, batches: int, workers: int, warm_cache: bool
 
 def step_rate(cfg, run_dir: Path) -> float:
     """Examples/s the small MoT training step consumes (forward, backward, AdamW)."""
-    tokenizer = prepare_tokenizer(cfg)
-    _, encode = prepare_codec(cfg, run_dir)
-    stream = BatchStream(ExampleSource(build_records(cfg.data, "train"), tokenizer, cfg), encode, cfg,
-                         Specials.of(tokenizer))
-    batch = next(stream)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, tokenizer.vocab_size)
-    opt = build_optimizer(model, cfg.optim)
-
-    def step():
-        flow.loss_parts(model, batch, cfg.flow, seed=0).total(cfg.flow.loss_weight).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return examples_per_batch(cfg) / median_time(step, reps=10, warmup=2)
+    tokenizer, encode, source, specials = pipeline_stream(cfg, run_dir)
+    batch = next(BatchStream(source, encode, cfg, specials))
+    return examples_per_batch(cfg) / median_time(bare_step(cfg, [batch], tokenizer.vocab_size), reps=10, warmup=2)
 
 
 def main(argv=None) -> None:

@@ -16,14 +16,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import REPO, md_table, median_time, write_results
+from common import REPO, bare_step, md_table, median_time, pipeline_stream, write_results
 
-from transfusion_mot import flow
-from transfusion_mot.components.optim import build_optimizer
 from transfusion_mot.config import load_config
-from transfusion_mot.data.packing import Specials
-from transfusion_mot.data.pipeline import BatchStream, ExampleSource, build_records, prepare_codec, prepare_tokenizer
-from transfusion_mot.model import build_model
+from transfusion_mot.data.pipeline import BatchStream
 from transfusion_mot.train import train
 
 GOAL = 1.10
@@ -45,26 +41,10 @@ def loop_rate(cfg) -> float:
 
 def bare_rate(cfg, reps: int) -> float:
     """The model step alone: forward, backward, AdamW on pre-built batches from the same pipeline."""
-    tokenizer = prepare_tokenizer(cfg)
-    specials = Specials.of(tokenizer)
-    _, encode = prepare_codec(cfg, Path(cfg.train.out_dir))
-    source = ExampleSource(build_records(cfg.data, "train"), tokenizer, cfg)
+    tokenizer, encode, source, specials = pipeline_stream(cfg, Path(cfg.train.out_dir))
     stream = BatchStream(source, encode, cfg, specials)
     batches = [next(stream) for _ in range(4)]
-    torch.manual_seed(0)
-    model = build_model(cfg.model, tokenizer.vocab_size)
-    opt = build_optimizer(model, cfg.optim)
-    state = {"i": 0}
-
-    def step():
-        batch = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        loss = flow.loss_parts(model, batch, cfg.flow, seed=0).total(cfg.flow.loss_weight)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    seconds = median_time(step, reps=reps, warmup=3)
+    seconds = median_time(bare_step(cfg, batches, tokenizer.vocab_size), reps=reps, warmup=3)
     tokens = sum(int((b.doc_id >= 0).sum()) for b in batches) / len(batches)
     return tokens / seconds
 

@@ -110,8 +110,9 @@ def generate_missing(pipe, prompts: list[str], out_dir: Path, steps: int, cfg_sc
                      batch_size: int = 16) -> list[Path]:
     """``out_dir/{i:06d}.png`` for every prompt; chunks whose images all exist are skipped, so a killed
     run continues where it stopped and gives the same images (image i is seeded by its index)."""
-    from PIL import Image as PILImage
     from tqdm.auto import tqdm
+
+    from transfusion_mot.components.tracking import save_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{i:06d}.png" for i in range(len(prompts))]
@@ -122,9 +123,7 @@ def generate_missing(pipe, prompts: list[str], out_dir: Path, steps: int, cfg_sc
                                first_index=start)
         for path, img in zip(paths[start:start + batch_size], images):
             if not path.exists():
-                tmp = path.with_suffix(".tmp.png")
-                PILImage.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(tmp)
-                tmp.replace(path)
+                save_png(img, path)
     return paths
 
 
@@ -137,3 +136,37 @@ def add_generation_args(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True, help="folder for images/, results.json and results.md")
+
+
+# ---------------------------------------------------------------- the training pipeline and the bare step
+def pipeline_stream(cfg, run_dir: Path):
+    """(tokenizer, encode, ExampleSource, Specials) of ``cfg``'s training data, as train.py builds them."""
+    from transfusion_mot.data.packing import Specials
+    from transfusion_mot.data.pipeline import ExampleSource, build_records, prepare_codec, prepare_tokenizer
+
+    tokenizer = prepare_tokenizer(cfg)
+    records = build_records(cfg.data, "train")
+    _, encode = prepare_codec(cfg, Path(run_dir), records=records)
+    return tokenizer, encode, ExampleSource(records, tokenizer, cfg), Specials.of(tokenizer)
+
+
+def bare_step(cfg, batches: list, vocab_size: int):
+    """``step()``: forward, backward and AdamW of a fresh model on ``batches`` in turn (no data, EMA or
+    logging): what the training loop and the loader are measured against."""
+    from transfusion_mot import flow
+    from transfusion_mot.components.optim import build_optimizer
+    from transfusion_mot.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size)
+    opt = build_optimizer(model, cfg.optim)
+    state = {"i": 0}
+
+    def step() -> None:
+        batch = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        flow.loss_parts(model, batch, cfg.flow, seed=0).total(cfg.flow.loss_weight).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step

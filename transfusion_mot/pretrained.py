@@ -49,19 +49,12 @@ class Pipeline:
 
     def generate_to_dir(self, prompts: list[str], out: str | Path, **kw) -> list[Path]:
         """PNG per image plus ``grid.png`` with the prompts under the images."""
-        from PIL import Image as PILImage
-
-        from .components.tracking import save_grid
+        from .components.tracking import save_grid, save_png
 
         n = kw.get("n", 1)
         images = self.generate(prompts, progress=True, **kw)
         out = Path(out)
-        paths = []
-        for i, img in enumerate(images):
-            arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-            path = out / f"{i // n:04d}_{i % n}.png"
-            PILImage.fromarray(arr).save(path)
-            paths.append(path)
+        paths = [save_png(img, out / f"{i // n:04d}_{i % n}.png") for i, img in enumerate(images)]
         captions = [prompts[i // n] for i in range(len(images))]
         paths.append(save_grid(images, captions, out / "grid.png", ncol=max(n, min(8, len(images)))))
         return paths

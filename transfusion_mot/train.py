@@ -122,7 +122,8 @@ def train(cfg: Config, evaluate_at_end: bool = True) -> Path:
     # --- build ---
     tokenizer = prepare_tokenizer(cfg)
     specials = Specials.of(tokenizer)
-    codec, encode = prepare_codec(cfg, run_dir, accelerator)
+    records = build_records(cfg.data, "train")
+    codec, encode = prepare_codec(cfg, run_dir, accelerator, records)
     model, opt, sched = setup_model(cfg, tokenizer.vocab_size, accelerator)
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     model, opt, sched = accelerator.prepare(model, opt, sched)
@@ -143,7 +144,7 @@ def train(cfg: Config, evaluate_at_end: bool = True) -> Path:
         log.path.unlink(missing_ok=True)
     if accelerator.is_main_process and accelerator.log_with:
         accelerator.init_trackers("tb", config={"name": cfg.name})
-    source = ExampleSource(build_records(cfg.data, "train"), tokenizer, cfg,
+    source = ExampleSource(records, tokenizer, cfg,
                            accelerator.process_index, accelerator.num_processes)
     stream = BatchStream(source, encode, cfg, specials, start=state.next_batch, report=accelerator.print)
     from .evaluate import Evaluator
@@ -199,7 +200,8 @@ def train(cfg: Config, evaluate_at_end: bool = True) -> Path:
             log.write({"step": state.step, **evaluator.validation(_eval_model(ema, model, accelerator))})
         if cfg.train.sample_every and state.step % cfg.train.sample_every == 0 and state.step < cfg.train.steps:
             quick = evaluator.sample_grid(_eval_model(ema, model, accelerator), tag=f"step{state.step:06d}", quick=True)
-            log.write({"step": state.step, **{k: v for k, v in quick.items() if k == "prompt_following"}})
+            if "prompt_following" in quick:
+                log.write({"step": state.step, "prompt_following": quick["prompt_following"]})
         pause = stop_signal["hit"] or (cfg.train.stop_after and state.step >= cfg.train.stop_after)
         if pause or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
             save_checkpoint(accelerator, run_dir, state.step, cfg, keep=cfg.train.keep_checkpoints)

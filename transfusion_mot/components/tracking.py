@@ -84,3 +84,14 @@ def save_grid(images: torch.Tensor, captions: list[str], out: str | Path, ncol: 
     fig.tight_layout(h_pad=0.4, w_pad=0.2)
     fig.savefig(out, dpi=110)
     return Path(out)
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> Path:
+    """(3, H, W) in [0, 1] -> an 8-bit PNG, written to a temp name and renamed (never half a file)."""
+    from PIL import Image as PILImage
+
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.png")
+    PILImage.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")).save(tmp)
+    tmp.replace(path)
+    return path

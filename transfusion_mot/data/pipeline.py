@@ -85,7 +85,7 @@ class HeldOut(torch.utils.data.Dataset):
 
     def __init__(self, records, indices: range, split: str):
         self.records, self.indices = records, indices
-        self.name = f"{getattr(records, 'name', type(records).__name__)}[{split}]"
+        self.name = f"{_records_name(records)}[{split}]"
         self.skips = getattr(records, "skips", None)
 
     def __len__(self) -> int:
@@ -103,7 +103,7 @@ class ExampleSource(torch.utils.data.Dataset):
     """
 
     def __init__(self, records, tokenizer, cfg: Config, rank: int = 0, world: int = 1, seed: int | None = None):
-        from .sources import ImageTransform, SkipStats
+        from .sources import ImageTransform
 
         self.records, self.tokenizer, self.data = records, tokenizer, cfg.data
         self.seed = cfg.train.seed if seed is None else seed
@@ -177,8 +177,6 @@ class BatchStream:
 
     def __init__(self, source: ExampleSource, encode, cfg: Config, specials: Specials, start: int = 0,
                  report=print):
-        from .sources import SkipStats
-
         self.source, self.encode, self.cfg, self.specials = source, encode, cfg, specials
         self.next_index = start
         self.skips = SkipStats()
@@ -269,11 +267,12 @@ def _vae_images(records, resolution: int, batch_size: int = 16, seed: int = 0):
     return images
 
 
-def train_codec_for(cfg: Config, out: Path | None = None) -> Path:
-    """Train (or reuse from the cache) the small AutoencoderKL for ``cfg.data``; returns its folder."""
+def train_codec_for(cfg: Config, out: Path | None = None, records=None) -> Path:
+    """Train (or reuse from the cache) the small AutoencoderKL for ``cfg.data`` (its training
+    ``records`` when the caller has them); returns its folder."""
     from .vae_train import get_or_train_vae, train_vae
 
-    records = build_records(cfg.data, "train")
+    records = build_records(cfg.data, "train") if records is None else records
     c = cfg.codec
     kwargs = dict(resolution=cfg.data.resolution, steps=c.vae_steps, channels=tuple(c.vae_channels),
                   latent_channels=c.vae_latent_channels, seed=cfg.train.seed, name=_records_name(records))
@@ -294,9 +293,11 @@ def check_codec(codec, cfg: Config) -> None:
             f"model.latent_size={cfg.model.latent_size}")
 
 
-def prepare_codec(cfg: Config, run_dir: Path, accelerator=None):
+def prepare_codec(cfg: Config, run_dir: Path, accelerator=None, records=None):
     """The run's codec (a trained VAE is copied into ``run_dir/vae`` so the run is self-contained)
-    and ``encode(keys, pixels) -> latents`` with the on-disk latent cache when enabled."""
+    and ``encode(keys, pixels) -> latents`` with the on-disk latent cache when enabled. ``records``:
+    the training records, when the caller has built them (indexing a large source is not free)."""
+    records = build_records(cfg.data, "train") if records is None else records
     from .codec import load_codec
     from .latent_cache import CachedEncoder, LatentCache
 
@@ -306,7 +307,7 @@ def prepare_codec(cfg: Config, run_dir: Path, accelerator=None):
         if not (local / "codec.json").exists():
             ctx = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
             with ctx:
-                src = Path(cfg.codec.path) if cfg.codec.path else train_codec_for(cfg)
+                src = Path(cfg.codec.path) if cfg.codec.path else train_codec_for(cfg, records=records)
             if main and not (local / "codec.json").exists():
                 tmp = run_dir / "vae.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -322,8 +323,7 @@ def prepare_codec(cfg: Config, run_dir: Path, accelerator=None):
     codec = codec.to(device).eval()
     cache = None
     if cfg.data.cache_latents and cfg.data.crop == "center":  # random crops change every epoch
-        records_name = _records_name(build_records(cfg.data, "train"))
-        cache = LatentCache(_cache_root(cfg) / "latents", records_name, codec.name, cfg.data.resolution)
+        cache = LatentCache(_cache_root(cfg) / "latents", _records_name(records), codec.name, cfg.data.resolution)
     return codec, CachedEncoder(codec, cache)
 
 
