@@ -77,7 +77,7 @@ class Context:
         tokens, doc = tokens.to(self.device), doc.to(self.device)
         img = torch.full_like(doc, -1)
         out = self._run(tokens, torch.full_like(doc, TEXT), doc, img, None, None)
-        return out.logits.view(-1, out.logits.shape[-1]) if width == 1 else self._last_logits(out, doc)
+        return self._last_logits(out, doc)
 
     def _last_logits(self, out, doc):
         """Logits at each row's last real token (left padding makes that the last column)."""
