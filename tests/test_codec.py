@@ -139,7 +139,8 @@ def test_get_or_train_vae_reuses_a_complete_folder(shapes_vae: Path):
 
 def test_train_vae_writes_atomically_and_replaces(tmp_path: Path):
     images = shapes_images("train", 16, batch_size=2)
-    kw = dict(resolution=16, steps=2, channels=(8, 8), latent_channels=2, batch_size=2, train_crop=None)
+    kw = dict(resolution=16, steps=2, channels=(8, 8), latent_channels=2, batch_size=2, train_crop=None,
+              latent_noise=0.2)
     out = tmp_path / "vae"
     out.mkdir()
     (out / "half-written.bin").write_bytes(b"x")  # a killed earlier run
@@ -147,7 +148,7 @@ def test_train_vae_writes_atomically_and_replaces(tmp_path: Path):
     meta = json.loads((out / "codec.json").read_text())
     for key in ("scaling_factor", "shift_factor", "psnr", "steps", "resolution", "name", "seconds"):
         assert key in meta
-    assert meta["scaling_factor"] > 0 and meta["steps"] == 2
+    assert meta["scaling_factor"] > 0 and meta["steps"] == 2 and meta["latent_noise"] == 0.2
     assert not (out / "half-written.bin").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]  # no temp folders left behind
     codec = LatentCodec.from_trained(out)
@@ -286,3 +287,14 @@ def test_cached_encoder_runs_codec_only_on_misses(tmp_path: Path):
     no_cache(keys, x)
     no_cache(keys, x)
     assert no_cache.codec.calls == 2 and no_cache.misses == 12
+
+
+def test_vae_key_names_what_the_vae_was_trained_with():
+    from transfusion_mot.data.pipeline import build_records, vae_key
+
+    cfg = load_config(str(REPO / "configs" / "debug.yaml"))
+    records = build_records(cfg.data)
+    key = vae_key(cfg, records)
+    assert key == vae_key(load_config(str(REPO / "configs" / "debug.yaml"), ["codec.vae_latent_noise=0"]), records)
+    for change in ("codec.vae_latent_noise=0.2", "codec.vae_steps=7", "train.seed=1"):
+        assert vae_key(load_config(str(REPO / "configs" / "debug.yaml"), [change]), records) != key, change

@@ -31,6 +31,23 @@ def test_byte_tokenizer_round_trip_and_specials():
     assert tok.encode("é") == [0xC3, 0xA9] and tok.decode([0xC3]) == "\ufffd"  # half a character: replaced
 
 
+def test_shapes_words_tokenizer_one_id_per_word():
+    from transfusion_mot.data import shapes
+
+    tok = build_tokenizer("shapes-words")
+    assert tok.name == "shapes-words" and len(set(specials_of(tok))) == 5
+    assert all(i >= len(shapes.vocabulary()) + 1 for i in specials_of(tok))  # after <unk> + the words
+    assert tok.vocab_size == len(shapes.vocabulary()) + 1 + 5
+    for text in shapes.held_out_prompts(50):
+        ids = tok.encode(text)
+        assert len(ids) == len(text.split()) and 0 not in ids  # every grammar word is known
+        assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == text
+    assert tok.encode("A RED circle") == tok.encode("a red circle")
+    assert tok.encode("a red dog")[-1] == 0  # unknown word -> <unk>, not an error
+    with pytest.raises(ValueError, match="data.tokenizer is empty"):
+        build_tokenizer("")
+
+
 def test_gpt2_by_path(assets_dir: Path):
     tok = build_tokenizer(str(assets_dir / "tokenizers" / "gpt2-hf"))
     assert isinstance(tok, HFTokenizer)

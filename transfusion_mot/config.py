@@ -66,6 +66,7 @@ class CodecConfig:
     vae_steps: int = 600  # training budget of the small VAE
     vae_latent_channels: int = 4
     vae_channels: tuple = (32, 64, 64)
+    vae_latent_noise: float = 0.0  # decoder trains on z + this * std(z) * noise: spreads the latent code out
 
 
 @dataclass

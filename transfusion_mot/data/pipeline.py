@@ -240,8 +240,11 @@ def _records_name(records) -> str:
 def vae_key(cfg: Config, records) -> str:
     """Cache key of the small VAE trained for this data: what it was trained on and how."""
     c = cfg.codec
-    spec = json.dumps([_records_name(records), cfg.data.resolution, c.vae_steps, c.vae_latent_channels,
-                       list(c.vae_channels), cfg.train.seed])
+    parts = [_records_name(records), cfg.data.resolution, c.vae_steps, c.vae_latent_channels,
+             list(c.vae_channels), cfg.train.seed]
+    if c.vae_latent_noise:  # appended only when set, so VAEs trained before the option keep their keys
+        parts.append(c.vae_latent_noise)
+    spec = json.dumps(parts)
     return "vae-" + hashlib.sha1(spec.encode()).hexdigest()[:12]
 
 
@@ -275,7 +278,8 @@ def train_codec_for(cfg: Config, out: Path | None = None, records=None) -> Path:
     records = build_records(cfg.data, "train") if records is None else records
     c = cfg.codec
     kwargs = dict(resolution=cfg.data.resolution, steps=c.vae_steps, channels=tuple(c.vae_channels),
-                  latent_channels=c.vae_latent_channels, seed=cfg.train.seed, name=_records_name(records))
+                  latent_channels=c.vae_latent_channels, seed=cfg.train.seed, name=_records_name(records),
+                  latent_noise=c.vae_latent_noise)
     images = _vae_images(records, cfg.data.resolution, seed=cfg.train.seed)
     kwargs["eval_images"] = _vae_images(build_records(cfg.data, "val"), cfg.data.resolution)  # PSNR on held-out
     if out is not None:

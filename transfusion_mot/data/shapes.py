@@ -292,6 +292,13 @@ def _phrase(group: Group) -> str:
 
 
 _NUMBERS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
+
+
+def vocabulary() -> list[str]:
+    """Every word the grammar (and ``parse_caption``) uses, in a fixed order: the ``shapes-words`` tokenizer."""
+    words = [*_NUMBERS, *SIZES, *COLOURS, *SHAPES, *(f"{s}s" for s in SHAPES)]
+    words += [w for r in RELATIONS for w in r.split()] + [".", ","]
+    return list(dict.fromkeys(words))
 _GROUP_RE = (rf"({'|'.join(_NUMBERS)}) (?:({'|'.join(SIZES)}) )?({'|'.join(COLOURS)}) "
              rf"({'|'.join(SHAPES)})(s?)")
 _CAPTION_RE = re.compile(rf"{_GROUP_RE}(?: ({'|'.join(RELATIONS)}) {_GROUP_RE})?")
