@@ -109,7 +109,7 @@ def shapes_images(split: str, resolution: int, batch_size: int = 16, **knobs):
 
 @pytest.fixture(scope="session")
 def shapes_vae(main_vae: Path) -> Path:
-    """The main job's VAE (configs/main.yaml), trained once per session (conftest.main_vae)."""
+    """The main job's VAE settings (configs/main.yaml, fewer steps), trained once per session (conftest.main_vae)."""
     return main_vae
 
 
@@ -126,14 +126,15 @@ def test_trained_vae_reconstructs_shapes(shapes_vae: Path):
     assert 0.7 < z.std() < 1.4 and abs(z.mean()) < 0.3  # scale/shift make latents ~unit variance
     mean_psnr = psnr(codec.decode(z), x).mean().item()
     print(f"shapes VAE PSNR on 32 test images at 64 px: {mean_psnr:.2f} dB")
-    assert mean_psnr >= 25.0
+    # Measured at 150 steps: 20.53 dB (the main job's 600 steps: 25.07 dB; 25.55 without latent noise).
+    assert mean_psnr >= 19.5
 
 
 def test_get_or_train_vae_reuses_a_complete_folder(shapes_vae: Path):
     def never(step: int) -> torch.Tensor:
         raise AssertionError("a cached VAE must not be trained again")
 
-    again = get_or_train_vae(shapes_vae.name, never, shapes_vae.parent.parent, resolution=64, steps=600)
+    again = get_or_train_vae(shapes_vae.name, never, shapes_vae.parent.parent, resolution=64, steps=150)
     assert again == shapes_vae
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, debug_overrides
+from conftest import MAIN_VAE_STEPS, REPO, debug_overrides
 from PIL import Image as PILImage
 from safetensors.torch import load_file
 
@@ -148,7 +148,7 @@ def test_trains_on_real_data_sources(tmp_path, kind):
 def test_main_job_command_writes_everything(tmp_path, main_vae):
     run = tmp_path / "main"
     cmd = [str(Path(sys.executable).with_name("transfusion-mot")), "main", f"train.out_dir={run}", "train.steps=4",
-           "train.log_every=2", "eval.n_prompts=4", "eval.sample_steps=2", "eval.val_examples=8"]
+           "train.log_every=2", "eval.n_prompts=4", "eval.sample_steps=2", "eval.val_examples=8", MAIN_VAE_STEPS]
     res = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     for name in ("config.yaml", "metrics.jsonl", "loss_curves.png", "samples_final.png", "results.json",
