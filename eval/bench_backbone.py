@@ -44,7 +44,8 @@ GOALS = {"mot_over_dense": 1.10, "dense_over_floor": 1.15}
 MOT_OVERHEAD = (
     "Where MoT's extra time goes: the residual stream is kept in group order, so the per-modality QKV, "
     "output projection, FFN and norms run on contiguous slices with no gather; what remains is one gather "
-    "before attention and one after it per layer (and their backward index_put), the torch.cat that joins "
+    "before attention and one after it per layer (their backward is the inverse permutation's gather, not a "
+    "scatter-add: debug 1.222 -> 1.124), the torch.cat that joins "
     "the groups' outputs, and twice the matmul launches at half the size. On a 2-core CPU with small "
     "matrices (debug D=64, small D=256) those copies and launches are ~10-15% of the step. Next steps: "
     "write group outputs into one preallocated tensor (no cat), and fuse the gathers into attention's "
