@@ -18,11 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def commit() -> str:
-    """HEAD's hash, with ``+dirty`` when the tree has uncommitted changes to tracked files."""
+    """HEAD's hash, with ``+dirty`` when the tree has uncommitted changes to tracked files outside
+    eval/results (a benchmark rewriting its own result files is not a change to the code it measured)."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)eval/results"], cwd=REPO, capture_output=True, text=True).stdout.strip()
         return head + ("+dirty" if dirty else "") if head else "unknown"
     except OSError:
         return "unknown"
