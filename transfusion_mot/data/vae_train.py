@@ -81,7 +81,7 @@ def train_vae(images: ImageBatches, out_dir: str | Path, resolution: int, steps:
         # the log-variance is still near 0, which costs most of a 600-step budget to unlearn.
         z = posterior.mode()
         if latent_noise:
-            z = z + latent_noise * z.detach().std() * torch.randn(z.shape, generator=gen)
+            z = z + latent_noise * z.detach().std() * torch.randn(z.shape, generator=gen).to(z.device)
         recon = vae.decode(z).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
