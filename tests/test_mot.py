@@ -99,30 +99,38 @@ def test_routing_rejects_unknown_modality():
         Routing.from_modality(torch.tensor([[0, 1, 2]]), 2)
 
 
-def test_per_modality_routes_each_token_and_sort_round_trips():
+def test_per_modality_routes_each_token_and_split_round_trips():
     pm = PerModality(lambda: torch.nn.Linear(4, 4), 2)
     x = torch.randn(6, 4)  # (N, D) in sequence order
     modality = torch.tensor([[1, 0, 1, 1, 0, 0]])
     routing = Routing.from_modality(modality, 2)
-    assert torch.equal(routing.unsort(routing.sort(x)), x)
-    y = routing.unsort(pm(routing.sort(x), routing))
+    parts = routing.split(x)
+    assert [p.shape[0] for p in parts] == [3, 3]
+    assert torch.equal(routing.merge(parts), x)
+    y = routing.merge(pm(parts))
     for i, m in enumerate(modality[0].tolist()):
         torch.testing.assert_close(y[i], pm.groups[m](x[i]))
 
 
-def test_sort_and_unsort_gradients_equal_plain_indexing():
-    """The permutation's hand-written backward (a gather by the inverse) == autograd's of x[perm]."""
-    modality = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 0]])
-    routing = Routing.from_modality(modality, 2)
+def test_split_and_merge_gradients_equal_plain_indexing():
+    """The hand-written backwards (merge <-> split) == autograd's of boolean-mask indexing."""
+    modality = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 2]])
+    routing = Routing.from_modality(modality, 3)
+    flat = modality.reshape(-1)
     x = torch.randn(12, 5, requires_grad=True)
     w = torch.randn(12, 5)
-    (routing.unsort(routing.sort(x) * torch.arange(12.0)[:, None]) * w).sum().backward()
+    scale = [torch.randn(c, 1) for c in routing.counts]
+    (routing.merge([p * s for p, s in zip(routing.split(x), scale)]) * w).sum().backward()
     ours = x.grad.clone()
     x.grad = None
-    (((x[routing.order] * torch.arange(12.0)[:, None])[routing.inverse]) * w).sum().backward()
+    ref = torch.zeros(12, 5)
+    for g in range(3):
+        ref = ref.index_put(((flat == g).nonzero().squeeze(1),), x[flat == g] * scale[g])
+    (ref * w).sum().backward()
     assert torch.equal(ours, x.grad)
-    assert torch.autograd.gradcheck(lambda t: routing.sort(t), torch.randn(12, 3, dtype=torch.float64,
-                                                                          requires_grad=True))
+    x64 = torch.randn(12, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: routing.merge([p.sin() for p in routing.split(t)]), x64)
+    assert torch.autograd.gradcheck(lambda t: routing.split(t)[1], x64)  # an unused group's gradient is zero
 
 
 def _flops(model, batch) -> int:

@@ -75,14 +75,14 @@ class QKV(nn.Module):
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
-        self.norm = RMSNorm(cfg.dim) if cfg.norm_placement == "pre" else nn.Identity()
+        self.norm = RMSNorm(cfg.dim) if cfg.norm_placement == "pre" else None
         self.proj = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else None
         self.head_dim = cfg.head_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.proj(self.norm(x))  # (N, 3D)
+        qkv = self.proj(x if self.norm is None else self.norm(x))  # (N, 3D)
         if self.q_norm is None:
             return qkv
         q, k, v = qkv.chunk(3, dim=-1)
@@ -98,11 +98,12 @@ class Sublayer(nn.Module):
         super().__init__()
         self.f = f
         post = cfg.norm_placement == "post"
-        self.norm_in = RMSNorm(cfg.dim) if (norm_input and not post) else nn.Identity()
-        self.norm_out = RMSNorm(cfg.dim) if post else nn.Identity()
+        self.norm_in = RMSNorm(cfg.dim) if (norm_input and not post) else None  # None, not Identity: a
+        self.norm_out = RMSNorm(cfg.dim) if post else None  # module call per group and layer is not free
 
     def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
-        return self.norm_out(self.f(self.norm_in(x), *args))
+        y = self.f(x if self.norm_in is None else self.norm_in(x), *args)
+        return y if self.norm_out is None else self.norm_out(y)
 
 
 class MoEFeedForward(nn.Module):
@@ -158,20 +159,21 @@ class Block(nn.Module):
         else:
             self.ffn = PerModality(lambda: Sublayer(SwiGLU(cfg.dim, cfg.hidden), cfg, norm_input=True), g)
 
-    def forward(self, x, routing: Routing, rope, mask, cache: KVCache | None = None, valid=None) -> torch.Tensor:
-        """x (N, D) in group order (see ``Routing``) -> (N, D). Attention runs in the (B, T) layout."""
+    def forward(self, xs: list[torch.Tensor], routing: Routing, rope, mask, cache: KVCache | None = None,
+                valid=None) -> list[torch.Tensor]:
+        """xs: the residual stream, one (N_g, D) tensor per group -> the same. Attention runs in the (B, T) layout."""
         b, t = routing.shape
         d = self.dim
-        qkv = routing.unsort(self.qkv(x, routing))  # (N, 3D) in sequence order
+        qkv = routing.merge(self.qkv(xs))  # (N, 3D) in sequence order
         q, k, v = qkv.view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # (B, H, T, hd)
         if cache is not None:
             k, v = cache.extend(self.layer, k, v)
         a = attend(q, k, v, mask).transpose(1, 2).reshape(b * t, d)
-        h = x + self.out(routing.sort(a), routing)
+        hs = [x + o for x, o in zip(xs, self.out(routing.split(a)))]
         if isinstance(self.ffn, PerModality):
-            return h + self.ffn(h, routing)
-        return h + self.ffn(h, valid)
+            return [h + f for h, f in zip(hs, self.ffn(hs))]
+        return [hs[0] + self.ffn(hs[0], valid)]  # MoE: one group
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
@@ -195,19 +197,19 @@ class Backbone(nn.Module):
         self.checkpointing = False  # activation checkpointing per block (set by the trainer)
 
     def forward(self, x, modality, position, mask, cache: KVCache | None = None, valid=None) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D). The residual stream lives in group order between the layers."""
+        """x (B, T, D) -> (B, T, D). Between the layers the residual stream is one tensor per group."""
         b, t, d = x.shape
         routing = Routing.from_modality(modality, self.cfg.n_groups)  # once per batch, for every layer
         rope = self.rotary(position)
-        x = routing.sort(x.reshape(b * t, d))  # (N, D) in group order
-        if valid is not None:
-            valid = routing.sort(valid.reshape(-1))
+        xs = routing.split(x.reshape(b * t, d))
+        if valid is not None:  # only the MoE feed-forward reads it, and MoE has one group
+            valid = valid.reshape(-1)
         for block in self.blocks:
             if self.checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, routing, rope, mask, None, valid, use_reentrant=False)
+                xs = torch.utils.checkpoint.checkpoint(block, xs, routing, rope, mask, None, valid, use_reentrant=False)
             else:
-                x = block(x, routing, rope, mask, cache, valid)
-        return routing.unsort(self.norm(x, routing)).reshape(b, t, d)
+                xs = block(xs, routing, rope, mask, cache, valid)
+        return routing.merge(self.norm(xs)).reshape(b, t, d)
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE load-balancing losses of the last forward (0 for dense / MoT / expert choice)."""
