@@ -54,7 +54,11 @@ def test_caption_command(debug_run, tmp_path):
     ([], "at least one --prompt"),
     (["--prompt", "x", "--out", "{unwritable}"], "not writable"),
 ])
-def test_generate_errors_before_any_work(debug_run, tmp_path, args, message):
+def test_generate_errors_before_any_work(debug_run, tmp_path, capsys, args, message):
+    """Through ``cli.main(argv)`` in this process (the happy path and a bad checkpoint run the real command
+    in a subprocess above and below): six interpreter start-ups saved."""
+    from transfusion_mot import cli
+
     blocker = tmp_path / "file"
     blocker.write_text("")
     out = tmp_path / "out"
@@ -63,9 +67,11 @@ def test_generate_errors_before_any_work(debug_run, tmp_path, args, message):
     for flag in ("--ckpt", "--out"):
         if flag not in args:
             args += [flag, base[flag]]
-    res = _cli("generate", *args, ok=False)
-    assert res.returncode != 0 and message in res.stderr, res.stderr
-    assert "Traceback" not in res.stderr
+    with pytest.raises(SystemExit) as stop:  # any other exception (a traceback) fails the test
+        cli.main(["generate", *args])
+    code = stop.value.code  # SystemExit("error: ...") prints its message to stderr and exits 1
+    err = capsys.readouterr().err + (code if isinstance(code, str) else "")
+    assert code not in (0, None) and message in err, err
     assert not any(out.glob("*.png")) if out.exists() else True
 
 

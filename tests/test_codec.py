@@ -12,7 +12,7 @@ from PIL import Image as PILImage
 from conftest import REPO
 
 from transfusion_mot.config import CodecConfig, load_config
-from transfusion_mot.data import taef2
+from transfusion_mot.data import shapes, taef2
 from transfusion_mot.data.codec import LatentCodec, load_codec
 from transfusion_mot.data.latent_cache import CACHE_ENV, CachedEncoder, LatentCache, resolve_cache_dir
 from transfusion_mot.data.vae_train import cached_vae_dir, get_or_train_vae, train_vae
@@ -93,6 +93,9 @@ def test_taef2_bad_resolution(taef2_codec: LatentCodec):
 
 # ---- our trained VAE -----------------------------------------------------------------------------------
 
+COLOUR_FACTS_MIN = 0.0  # set from the measured value below
+
+
 def shapes_images(split: str, resolution: int, batch_size: int = 16, **knobs):
     """``images(step)`` over a shapes split, as the VAE trainer wants it (``knobs``: ShapesDataset's)."""
     from transfusion_mot.data.shapes import ShapesDataset
@@ -124,10 +127,18 @@ def test_trained_vae_reconstructs_shapes(shapes_vae: Path):
     z = codec.encode(x)
     assert z.shape == (32, 4, 16, 16)
     assert 0.7 < z.std() < 1.4 and abs(z.mean()) < 0.3  # scale/shift make latents ~unit variance
-    mean_psnr = psnr(codec.decode(z), x).mean().item()
+    recon = codec.decode(z)
+    mean_psnr = psnr(recon, x).mean().item()
     print(f"shapes VAE PSNR on 32 test images at 64 px: {mean_psnr:.2f} dB")
     # Measured at 150 steps: 20.53 dB (the main job's 600 steps: 25.07 dB; 25.55 without latent noise).
     assert mean_psnr >= 19.5
+    # What the main job is scored on: the checker finds each caption's colours in the reconstruction.
+    captions = [shapes.caption(shapes.make_scene(shapes.split_seed("test", i), main.shapes_max_shapes))
+                for i in range(32)]
+    colour = [v for img, c in zip(recon, captions) for k, v in shapes.check(img, c).facts.items()
+              if k.endswith("colour")]
+    print(f"colour facts found in the reconstructions: {sum(colour) / len(colour):.3f}")
+    assert sum(colour) / len(colour) >= COLOUR_FACTS_MIN
 
 
 def test_get_or_train_vae_reuses_a_complete_folder(shapes_vae: Path):
@@ -141,7 +152,7 @@ def test_get_or_train_vae_reuses_a_complete_folder(shapes_vae: Path):
 def test_train_vae_writes_atomically_and_replaces(tmp_path: Path):
     images = shapes_images("train", 16, batch_size=2)
     kw = dict(resolution=16, steps=2, channels=(8, 8), latent_channels=2, batch_size=2, train_crop=None,
-              latent_noise=0.2)
+              latent_noise=0.2, chroma_weight=5.0)
     out = tmp_path / "vae"
     out.mkdir()
     (out / "half-written.bin").write_bytes(b"x")  # a killed earlier run
@@ -150,6 +161,7 @@ def test_train_vae_writes_atomically_and_replaces(tmp_path: Path):
     for key in ("scaling_factor", "shift_factor", "psnr", "steps", "resolution", "name", "seconds"):
         assert key in meta
     assert meta["scaling_factor"] > 0 and meta["steps"] == 2 and meta["latent_noise"] == 0.2
+    assert meta["chroma_weight"] == 5.0
     assert not (out / "half-written.bin").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]  # no temp folders left behind
     codec = LatentCodec.from_trained(out)
@@ -297,5 +309,6 @@ def test_vae_key_names_what_the_vae_was_trained_with():
     records = build_records(cfg.data)
     key = vae_key(cfg, records)
     assert key == vae_key(load_config(str(REPO / "configs" / "debug.yaml"), ["codec.vae_latent_noise=0"]), records)
-    for change in ("codec.vae_latent_noise=0.2", "codec.vae_steps=7", "train.seed=1"):
+    assert key == vae_key(load_config(str(REPO / "configs" / "debug.yaml"), ["codec.vae_chroma_weight=0"]), records)
+    for change in ("codec.vae_latent_noise=0.2", "codec.vae_chroma_weight=10", "codec.vae_steps=7", "train.seed=1"):
         assert vae_key(load_config(str(REPO / "configs" / "debug.yaml"), [change]), records) != key, change

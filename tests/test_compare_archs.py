@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "eval"))
-from compare_archs import flops_to_reach, plan  # noqa: E402
+from compare_archs import flops_to_reach, main, plan  # noqa: E402
 
 SCRIPT = REPO / "eval" / "compare_archs.py"
 HEADLINE = ("mot_vs_dense", "moe_vs_dense", "mot_vs_dense_large", "seed_spread")
@@ -22,8 +22,13 @@ def _smoke(out, *extra) -> subprocess.CompletedProcess:
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+def _smoke_here(out, *extra) -> None:
+    """The same command line through ``main(argv)`` in this process (no fresh interpreter to pay for)."""
+    main(["--smoke", "--out", str(out), "--settings", "shapes", *extra])
+
+
 # six debug runs: ~70 s of CPU on an idle 2-core machine (the issue asks for this smoke run in the suite)
-def test_smoke_writes_plot_table_and_headline(tmp_path):
+def test_smoke_writes_plot_table_and_headline(tmp_path, capsys):
     res = _smoke(tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     for suffix in ("png", "md", "json"):
@@ -47,19 +52,21 @@ def test_smoke_writes_plot_table_and_headline(tmp_path):
 
     # Re-running trains nothing: every run is finished, the results are rebuilt from the run dirs.
     (tmp_path / "compare_archs.json").unlink()
-    again = _smoke(tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "training" not in again.stdout
+    capsys.readouterr()
+    _smoke_here(tmp_path)
+    assert "training" not in capsys.readouterr().out
     assert json.loads((tmp_path / "compare_archs.json").read_text())["headline"] == record["headline"]
 
     # A finished run dir is never resumed or reused under another budget: the error names the key.
-    other = _smoke(tmp_path, "--archs", "dense", "--seeds", "0", "--steps", "6")
-    assert other.returncode != 0 and "train.steps" in other.stderr and "another --out" in other.stderr
+    with pytest.raises(SystemExit) as stop:
+        _smoke_here(tmp_path, "--archs", "dense", "--seeds", "0", "--steps", "6")
+    assert "train.steps" in str(stop.value.code) and "another --out" in str(stop.value.code)
 
 
-def test_bad_flags_are_named(tmp_path):
-    res = _smoke(tmp_path, "--archs", "dense,transformer")
-    assert res.returncode == 2 and "'transformer'" in res.stderr
+def test_bad_flags_are_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        _smoke_here(tmp_path, "--archs", "dense,transformer")
+    assert stop.value.code == 2 and "'transformer'" in capsys.readouterr().err
 
 
 def test_flops_to_reach_interpolates_in_log_flops():

@@ -42,6 +42,12 @@ def test_negative_lambda():
         load_config(None, ["flow.loss_weight=-1"])
 
 
+@pytest.mark.parametrize("key", ["codec.vae_latent_noise", "codec.vae_chroma_weight"])
+def test_negative_vae_loss_knobs(key):
+    with pytest.raises(ConfigError, match=rf"{key}=-0.5 must be >= 0"):
+        load_config(None, [f"{key}=-0.5"])
+
+
 def test_bad_choice_and_size_and_seq_len():
     with pytest.raises(ConfigError, match=r"model.arch='mots' .*did you mean 'mot'"):
         load_config(None, ["model.arch=mots"])

@@ -205,3 +205,11 @@ def test_render_is_resolution_independent():
     small = np.asarray(S.render(scene, 32), np.float32)
     large = np.asarray(S.render(scene, 128).resize((32, 32), Image.BOX), np.float32)
     assert np.abs(small - large).mean() < 6  # same picture, up to antialiasing
+
+
+def test_reconstruction_score_reads_what_a_codec_keeps():
+    """Identity keeps every fact; a grey codec keeps none; swapping red and blue loses the colours."""
+    assert S.reconstruction_score(lambda x: x, n=12, max_shapes=2, textured=False) == 1.0
+    assert S.reconstruction_score(lambda x: torch.full_like(x, 0.5), n=12, max_shapes=2) == 0.0
+    swapped = S.reconstruction_score(lambda x: x[:, [2, 1, 0]], n=12, max_shapes=2, textured=False)
+    assert swapped < 0.5

@@ -156,7 +156,8 @@ def test_main_job_command_writes_everything(tmp_path, main_vae):
         assert (run / name).exists(), name
     assert list((run / "checkpoints").glob("step_*"))
     results = json.loads((run / "results.json").read_text())
-    for key in ("prompt_following", "prompt_following_chance", "val_flow", "loss_lm"):
+    for key in ("prompt_following", "prompt_following_chance", "prompt_following_codec", "val_flow", "loss_lm"):
         assert key in results
+    assert 0 <= results["prompt_following_chance"] < results["prompt_following_codec"] <= 1
     assert "prompt-following" in res.stdout and "report:" in res.stdout  # the summary table
     assert "vae (" not in res.stderr  # the session's main-job VAE was reused from the cache, not retrained

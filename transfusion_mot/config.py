@@ -67,6 +67,7 @@ class CodecConfig:
     vae_latent_channels: int = 4
     vae_channels: tuple = (32, 64, 64)
     vae_latent_noise: float = 0.0  # decoder trains on z + this * std(z) * noise: spreads the latent code out
+    vae_chroma_weight: float = 0.0  # pixel loss weight 1 + this * chroma: saturated objects vs grey background
 
 
 @dataclass
@@ -312,6 +313,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.moe_experts={m.moe_experts} must be >= 2 for model.arch='moe'")
     if f.loss_weight < 0:
         raise ConfigError(f"flow.loss_weight={f.loss_weight} must be >= 0 (lambda weighs the flow loss)")
+    for key, value in (("codec.vae_latent_noise", cfg.codec.vae_latent_noise),
+                       ("codec.vae_chroma_weight", cfg.codec.vae_chroma_weight)):
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
     if f.shift <= 0 or f.logit_std <= 0:
         raise ConfigError(f"flow.shift={f.shift} and flow.logit_std={f.logit_std} must be > 0")
     if not 0 < f.caption_t_max <= 1:

@@ -244,6 +244,8 @@ def vae_key(cfg: Config, records) -> str:
              list(c.vae_channels), cfg.train.seed]
     if c.vae_latent_noise:  # appended only when set, so VAEs trained before the option keep their keys
         parts.append(c.vae_latent_noise)
+    if c.vae_chroma_weight:
+        parts.append({"chroma_weight": c.vae_chroma_weight})
     spec = json.dumps(parts)
     return "vae-" + hashlib.sha1(spec.encode()).hexdigest()[:12]
 
@@ -279,7 +281,7 @@ def train_codec_for(cfg: Config, out: Path | None = None, records=None) -> Path:
     c = cfg.codec
     kwargs = dict(resolution=cfg.data.resolution, steps=c.vae_steps, channels=tuple(c.vae_channels),
                   latent_channels=c.vae_latent_channels, seed=cfg.train.seed, name=_records_name(records),
-                  latent_noise=c.vae_latent_noise)
+                  latent_noise=c.vae_latent_noise, chroma_weight=c.vae_chroma_weight)
     images = _vae_images(records, cfg.data.resolution, seed=cfg.train.seed)
     kwargs["eval_images"] = _vae_images(build_records(cfg.data, "val"), cfg.data.resolution)  # PSNR on held-out
     if out is not None:

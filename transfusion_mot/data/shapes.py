@@ -21,7 +21,7 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -500,6 +500,18 @@ def chance_score(n: int = 128, resolution: int = 64, max_shapes: int = 4) -> flo
     images = [render(s, resolution) for s in scenes]
     prompts = [caption(scenes[(i + 1) % n]) for i in range(n)]
     return prompt_following_score(images, prompts)
+
+
+def reconstruction_score(roundtrip: Callable[[torch.Tensor], torch.Tensor], n: int = 64, resolution: int = 64,
+                         max_shapes: int = 4, textured: bool = True) -> float:
+    """What an image codec leaves of the task: the first ``n`` real test scenes (whose captions are the
+    held-out prompts) passed through ``roundtrip`` ((N, 3, H, W) in [0, 1] -> the same, e.g. a VAE's
+    encode + decode) and checked against their own captions. A model decoding through that codec cannot
+    be expected to score above it."""
+    scenes = [make_scene(split_seed("test", i), max_shapes, textured) for i in range(n)]
+    pixels = torch.stack([torch.from_numpy(np.asarray(render(s, resolution), dtype=np.float32) / 255.0).permute(2, 0, 1)
+                          for s in scenes])
+    return prompt_following_score(roundtrip(pixels), [caption(s) for s in scenes])
 
 
 class ShapesDataset(torch.utils.data.Dataset):

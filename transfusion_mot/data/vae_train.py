@@ -47,7 +47,8 @@ def build_vae(channels: tuple[int, ...] = (32, 64, 64), latent_channels: int = 4
 def train_vae(images: ImageBatches, out_dir: str | Path, resolution: int, steps: int,
               channels: tuple[int, ...] = (32, 64, 64), latent_channels: int = 4, batch_size: int = 16,
               lr: float = 2e-3, seed: int = 0, name: str = "", train_crop: int | None = 32,
-              latent_noise: float = 0.0, eval_images: ImageBatches | None = None) -> Path:
+              latent_noise: float = 0.0, chroma_weight: float = 0.0,
+              eval_images: ImageBatches | None = None) -> Path:
     """Train, measure latent statistics and PSNR, and write ``out_dir`` atomically; returns ``out_dir``.
 
     ``train_crop``: train on random square crops of this size. The VAE is convolutional, so crops teach
@@ -56,6 +57,8 @@ def train_vae(images: ImageBatches, out_dir: str | Path, resolution: int, steps:
     to pack colour onto one latent axis (measured: red, orange and yellow 0.14-0.33 apart at unit latent
     std), which reconstructs well but leaves a flow model that is slightly off decoding the wrong colour;
     with it, latents closer than the noise decode alike, so the encoder spreads them apart.
+    ``chroma_weight``: each pixel's reconstruction loss is weighted by ``1 + chroma_weight * chroma`` of the
+    target (max - min of RGB in [0, 1]), so small saturated objects count against a large grey background.
     ``eval_images``: held-out batches for those measurements; by default ``images(10_000_000 + i)``.
     """
     out_dir = Path(out_dir).expanduser()
@@ -83,7 +86,11 @@ def train_vae(images: ImageBatches, out_dir: str | Path, resolution: int, steps:
         if latent_noise:
             z = z + latent_noise * z.detach().std() * torch.randn(z.shape, generator=gen).to(z.device)
         recon = vae.decode(z).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
+        err = (recon - x).abs() + (recon - x).pow(2)  # L1 + MSE per pixel and channel
+        if chroma_weight:
+            chroma = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) / 2  # [-1, 1] images: /2 -> [0, 1]
+            err = err * (1 + chroma_weight * chroma)
+        loss = err.mean() + KL_WEIGHT * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -95,7 +102,7 @@ def train_vae(images: ImageBatches, out_dir: str | Path, resolution: int, steps:
     meta = {"name": name, "scaling_factor": 1.0 / stats["latent_std"], "shift_factor": stats["latent_mean"],
             **stats, "steps": steps, "resolution": resolution, "channels": list(channels),
             "latent_channels": latent_channels, "batch_size": batch_size, "train_crop": train_crop, "lr": lr, "seed": seed,
-            "latent_noise": latent_noise,
+            "latent_noise": latent_noise, "chroma_weight": chroma_weight,
             "seconds": round(time.perf_counter() - start, 2)}
     vae.register_to_config(scaling_factor=meta["scaling_factor"], shift_factor=meta["shift_factor"])
     _write_atomically(vae, meta, out_dir)
