@@ -93,7 +93,9 @@ def test_taef2_bad_resolution(taef2_codec: LatentCodec):
 
 # ---- our trained VAE -----------------------------------------------------------------------------------
 
-COLOUR_FACTS_MIN = 0.0  # set from the measured value below
+# Colour facts of the caption found in the main-job VAE's reconstructions: 0.425 measured at the suite's 150
+# steps; the main job's 600 steps give 1.00 (its report's ceiling, 0.913, is over every fact).
+COLOUR_FACTS_MIN = 0.35
 
 
 def shapes_images(split: str, resolution: int, batch_size: int = 16, **knobs):
@@ -130,7 +132,8 @@ def test_trained_vae_reconstructs_shapes(shapes_vae: Path):
     recon = codec.decode(z)
     mean_psnr = psnr(recon, x).mean().item()
     print(f"shapes VAE PSNR on 32 test images at 64 px: {mean_psnr:.2f} dB")
-    # Measured at 150 steps: 20.53 dB (the main job's 600 steps: 25.07 dB; 25.55 without latent noise).
+    # Measured at 150 steps: 21.29 dB (the main job's 600 steps: 26.0 dB held-out; the chroma weight trades
+    # background PSNR for the shapes' colours).
     assert mean_psnr >= 19.5
     # What the main job is scored on: the checker finds each caption's colours in the reconstruction.
     captions = [shapes.caption(shapes.make_scene(shapes.split_seed("test", i), main.shapes_max_shapes))
