@@ -13,7 +13,7 @@ shared machine's speed hits all of them alike; the reported numbers are medians 
 Goals (issue 4): MoT/dense <= 1.10 and dense/floor <= 1.15. A failed goal adds a profile of the
 slowest ops of each model to the markdown.
 
-    python eval/bench_backbone.py [--sizes debug small] [--reps 20] [--warmup 3]
+    python eval/bench_backbone.py [--sizes debug small] [--reps 30] [--warmup 3]
 """
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ def write(results: list[dict], info: dict, command: str, profiles: str, out: Pat
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", nargs="+", default=["debug", "small"])
-    p.add_argument("--reps", type=int, default=20, help="timed repetitions (medians over these)")
+    p.add_argument("--reps", type=int, default=30, help="timed repetitions (medians over these)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rows", type=int, default=None, help="batch rows (default: the size's data.batch_size)")
     p.add_argument("--seq-len", type=int, default=None, help="default: data.seq_len")
