@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .codec import CODEC_JSON
 from .latent_cache import resolve_cache_dir
