@@ -22,7 +22,7 @@ def _run(script: str, *args, ok: bool = True) -> subprocess.CompletedProcess:
 
 def _main(script: str, *args) -> None:
     """The script's ``main(argv)`` in this process: the same code path as ``_run`` without paying for a
-    fresh interpreter and its imports (~6 s each on the CI machine); used where a test runs a script twice."""
+    fresh interpreter and its imports (~6 s each on the CI machine); used for a test's second script run."""
     import importlib
 
     if str(EVAL) not in sys.path:
@@ -89,7 +89,7 @@ def test_val_loss_and_cider_on_coco(debug_run, tmp_path, assets_dir):
     _run("val_loss.py", "--ckpt", debug_run, "--source", "coco", "--path", coco, "--n", 4, "--grid", 2, "--out", out)
     assert _results(out)["n"] == 4 and _results(out)["val_caption_nll"] > 0
     out = tmp_path / "cider"
-    _run("caption_cider.py", "--ckpt", debug_run, "--coco-json", coco, "--n", 3, "--out", out)
+    _main("caption_cider.py", "--ckpt", debug_run, "--coco-json", coco, "--n", 3, "--out", out)
     assert _results(out)["metric"] == "CIDEr" and _results(out)["n"] == 3
 
 
