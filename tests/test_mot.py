@@ -112,6 +112,23 @@ def test_per_modality_routes_each_token_and_split_round_trips():
         torch.testing.assert_close(y[i], pm.groups[m](x[i]))
 
 
+def test_single_modality_batch_routes_without_copies():
+    """An image-only sampling step (or a text-only one) splits into views and merges back to the same tensor."""
+    routing = Routing.from_modality(torch.ones(2, 5, dtype=torch.long), 2)
+    assert routing.index is None and routing.whole == 1 and routing.counts == [0, 10]
+    x = torch.randn(10, 3)
+    parts = routing.split(x)
+    assert parts[0].shape == (0, 3) and parts[1].data_ptr() == x.data_ptr()
+    assert routing.merge(parts) is parts[1]
+    bb = Backbone(BackboneConfig(dim=32, n_layers=1, n_heads=4, n_groups=2))
+    xs = torch.randn(2, 5, 32)
+    mixed = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 1, 1]])  # same tokens' outputs, via the gather path
+    pos = torch.arange(5).expand(2, 5)
+    mask = torch.eye(5, dtype=torch.bool)[None, None].expand(2, 1, 5, 5)  # each token sees itself only
+    torch.testing.assert_close(bb(xs, torch.ones(2, 5, dtype=torch.long), pos, mask)[:, 1:],
+                               bb(xs, mixed, pos, mask)[:, 1:], atol=1e-6, rtol=1e-6)
+
+
 def test_split_and_merge_gradients_equal_plain_indexing():
     """The hand-written backwards (merge <-> split) == autograd's of boolean-mask indexing."""
     modality = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 2]])

@@ -21,24 +21,27 @@ import torch.nn as nn
 class Routing:
     """Which group each of the N = B*T flattened tokens belongs to."""
 
-    index: list[torch.Tensor] | None  # per group: the flat positions of its tokens, ascending; None = one group
-    inverse: torch.Tensor | None  # (N,) where each token sits in the groups' concatenation
+    index: list[torch.Tensor] | None  # per group: the flat positions of its tokens, ascending; None when one
+    inverse: torch.Tensor | None  # group holds every token. (N,): where each token sits in the groups' concatenation
     counts: list[int]  # tokens per group, sums to N
     shape: tuple[int, int]  # (B, T) of the sequence layout
+    whole: int = 0  # with index None: the group holding every token (dense; an image-only sampling step)
 
     @classmethod
     def from_modality(cls, modality: torch.Tensor, n_groups: int) -> "Routing":
         """modality (B, T) ids in [0, n_groups) -> routing. Ids are checked here, once per batch."""
-        group = modality.reshape(-1)
+        group, shape = modality.reshape(-1), tuple(modality.shape)
         if n_groups == 1:
-            return cls(index=None, inverse=None, counts=[group.numel()], shape=tuple(modality.shape))
+            return cls(index=None, inverse=None, counts=[group.numel()], shape=shape)
         if group.numel() and (int(group.min()) < 0 or int(group.max()) >= n_groups):
             raise ValueError(f"modality ids must lie in [0, {n_groups}), got {group.unique().tolist()}")
+        counts = torch.bincount(group, minlength=n_groups).tolist()
+        if max(counts) == group.numel():  # one modality only: views, no gathers
+            return cls(index=None, inverse=None, counts=counts, shape=shape, whole=counts.index(group.numel()))
         order = torch.sort(group, stable=True).indices
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        counts = torch.bincount(group, minlength=n_groups).tolist()
-        return cls(index=list(order.split(counts)), inverse=inverse, counts=counts, shape=tuple(modality.shape))
+        return cls(index=list(order.split(counts)), inverse=inverse, counts=counts, shape=shape)
 
     @property
     def n_groups(self) -> int:
@@ -46,11 +49,15 @@ class Routing:
 
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(N, ...) in sequence order -> one (N_g, ...) tensor per group."""
-        return [x] if self.index is None else list(_Split.apply(x, self.inverse, *self.index))
+        if self.index is None:
+            return [x if g == self.whole else x[:0] for g in range(len(self.counts))]
+        return list(_Split.apply(x, self.inverse, *self.index))
 
     def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """One (N_g, ...) tensor per group -> (N, ...) in sequence order (inverse of ``split``)."""
-        return parts[0] if self.index is None else _Merge.apply(len(parts), self.inverse, *self.index, *parts)
+        if self.index is None:
+            return parts[self.whole]
+        return _Merge.apply(len(parts), self.inverse, *self.index, *parts)
 
 
 class _Split(torch.autograd.Function):
