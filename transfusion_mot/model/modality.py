@@ -5,8 +5,8 @@ every layer, so no layer looks at boolean masks. Between layers the backbone kee
 as one tensor per group (``routing.split``), so every per-modality module runs on its own tokens with
 no gather and no concatenation; only attention, which needs the (B, T) layout, merges the groups'
 projections into sequence order (``routing.merge``) and splits its output again: one indexed copy of
-the tokens each way per layer. With a single group (dense, MoE) split and merge are the identity and
-nothing is copied: dense pays nothing for MoT.
+the tokens each way per layer. With a single group (dense, MoE), or a batch of one modality (an
+image-only sampling step), split and merge are views and nothing is copied: dense pays nothing for MoT.
 """
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ import torch.nn as nn
 class Routing:
     """Which group each of the N = B*T flattened tokens belongs to."""
 
-    index: list[torch.Tensor] | None  # per group: the flat positions of its tokens, ascending; None when one
-    inverse: torch.Tensor | None  # group holds every token. (N,): where each token sits in the groups' concatenation
+    # Per group, the flat positions of its tokens (ascending), and for each token its place in the groups'
+    # concatenation; both None when one group holds every token (then split/merge are views).
+    index: list[torch.Tensor] | None
+    inverse: torch.Tensor | None  # (N,)
     counts: list[int]  # tokens per group, sums to N
     shape: tuple[int, int]  # (B, T) of the sequence layout
     whole: int = 0  # with index None: the group holding every token (dense; an image-only sampling step)
