@@ -175,3 +175,20 @@ def test_moe_expert_choice_matches_dense_flops_and_token_choice_has_aux_loss():
     out = tc(batch)
     assert out.aux_loss > 0
     assert moe(batch).aux_loss == 0
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Blocks recomputed in the backward (train.activation_checkpointing) change memory, not numbers."""
+    torch.manual_seed(0)
+    bb = Backbone(BackboneConfig(dim=32, n_layers=2, n_heads=4, n_groups=2, norm_placement="pre")).train()
+    x = torch.randn(2, 10, 32)
+    modality = torch.randint(0, 2, (2, 10))
+    pos = torch.arange(10).expand(2, 10)
+    grads = []
+    for flag in (False, True):
+        bb.checkpointing = flag
+        bb.zero_grad(set_to_none=True)
+        bb(x, modality, pos, None).square().mean().backward()
+        grads.append([p.grad.clone() for p in bb.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, atol=0, rtol=0)
