@@ -136,8 +136,7 @@ def test_trained_vae_reconstructs_shapes(shapes_vae: Path):
     # background PSNR for the shapes' colours).
     assert mean_psnr >= 19.5
     # What the main job is scored on: the checker finds each caption's colours in the reconstruction.
-    captions = [shapes.caption(shapes.make_scene(shapes.split_seed("test", i), main.shapes_max_shapes))
-                for i in range(32)]
+    captions = shapes.held_out_prompts(32, split="test", max_shapes=main.shapes_max_shapes)  # the images' captions
     colour = [v for img, c in zip(recon, captions) for k, v in shapes.check(img, c).facts.items()
               if k.endswith("colour")]
     print(f"colour facts found in the reconstructions: {sum(colour) / len(colour):.3f}")

@@ -116,7 +116,7 @@ class Evaluator:
 
                 d = self.cfg.data
                 grid["prompt_following_chance"] = chance_score(resolution=d.resolution, max_shapes=d.shapes_max_shapes)
-                grid["prompt_following_codec"] = self.codec_ceiling(grid.get("n_prompts") or self.cfg.eval.n_prompts)
+                grid["prompt_following_codec"] = self.codec_ceiling(grid["n_prompts"])
             records = log.read()
             train_last = [r for r in records if "loss_lm" in r][-1]
             results = {"step": train_last["step"], **{k: train_last[k] for k in ("loss_lm", "loss_flow")},
