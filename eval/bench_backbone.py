@@ -13,7 +13,7 @@ shared machine's speed hits all of them alike; the reported numbers are medians 
 Goals (issue 4): MoT/dense <= 1.10 and dense/floor <= 1.15. A failed goal adds a profile of the
 slowest ops of each model to the markdown.
 
-    python eval/bench_backbone.py [--sizes debug small] [--reps 30] [--warmup 3]
+    python eval/bench_backbone.py [--sizes debug small] [--reps 0 (auto)] [--warmup 3]
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from transfusion_mot.model.transfusion import backbone_config
 RESULTS = Path(__file__).resolve().parent / "results"
 SPECIALS = Specials(bos=256, eos=257, pad=258, boi=259, eoi=260)
 GOALS = {"mot_over_dense": 1.10, "dense_over_floor": 1.15}
+STEP_BUDGET_S = 4.0  # default timed steps per model: this many seconds' worth (debug ~130 steps, small 30)
 MOT_OVERHEAD = (
     "Where MoT's extra time goes (measured piece by piece at the debug size, 2 layers, D=64, 2048 tokens): "
     "~1.2 ms of fixed per-op cost (Python and autograd nodes for twice the per-group modules; a 16-token step "
@@ -146,6 +147,9 @@ def bench_size(size: str, reps: int, warmup: int, rows: int | None, seq_len: int
     x = torch.randn(rows, seq_len, cfg.model.dim, requires_grad=True)
     names = list(models)
     times: dict[str, list[float]] = {n: [] for n in names}
+    if not reps:  # auto: ~STEP_BUDGET_S of timed steps per model, 30..150 of them (step times jitter ~10%)
+        warm = statistics.median(step(models["dense"], x, batch, mask) for _ in range(3)) / 1000.0
+        reps = max(30, min(150, round(STEP_BUDGET_S / warm)))
     for rep in range(warmup + reps):
         order = names[rep % 3:] + names[:rep % 3]  # rotate who goes first
         for name in order:
@@ -157,7 +161,7 @@ def bench_size(size: str, reps: int, warmup: int, rows: int | None, seq_len: int
     return {
         "size": size, "rows": rows, "seq_len": seq_len, "dim": cfg.model.dim, "n_layers": cfg.model.n_layers,
         "image_token_share": round(image_share, 4), "padding_share": round(float((batch.doc_id < 0).float().mean()), 4),
-        "median_ms": {n: round(v, 3) for n, v in med.items()},
+        "reps": reps, "median_ms": {n: round(v, 3) for n, v in med.items()},
         "min_ms": {n: round(min(v), 3) for n, v in times.items()},
         "mot_over_dense": round(med["mot"] / med["dense"], 4),
         "dense_over_floor": round(med["dense"] / med["floor"], 4),
@@ -201,11 +205,11 @@ def write(results: list[dict], info: dict, command: str, profiles: str, out: Pat
              f"{info['load_average_1m']}", "",
              "Forward + backward of the backbone alone, 50/50 text/image tokens (caption->image documents), "
              "medians of the timed steps after warm-up, the three models interleaved in every repetition.", "",
-             "| size | batch x seq | MoT ms | dense ms | floor ms | MoT/dense | dense/floor |",
-             "|---|---|---|---|---|---|---|"]
+             "| size | batch x seq | timed steps | MoT ms | dense ms | floor ms | MoT/dense | dense/floor |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in clean:
         ms = r["median_ms"]
-        lines.append(f"| {r['size']} | {r['rows']} x {r['seq_len']} | {ms['mot']:.2f} | {ms['dense']:.2f} | "
+        lines.append(f"| {r['size']} | {r['rows']} x {r['seq_len']} | {r['reps']} | {ms['mot']:.2f} | {ms['dense']:.2f} | "
                      f"{ms['floor']:.2f} | {r['mot_over_dense']:.3f} | {r['dense_over_floor']:.3f} |")
     lines += ["", "| goal | value | target | result |", "|---|---|---|---|"]
     for name, g in goals.items():
@@ -220,7 +224,8 @@ def write(results: list[dict], info: dict, command: str, profiles: str, out: Pat
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", nargs="+", default=["debug", "small"])
-    p.add_argument("--reps", type=int, default=30, help="timed repetitions (medians over these)")
+    p.add_argument("--reps", type=int, default=0,
+                   help="timed repetitions (medians over these); 0: ~4 s of steps per model, 30..150")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rows", type=int, default=None, help="batch rows (default: the size's data.batch_size)")
     p.add_argument("--seq-len", type=int, default=None, help="default: data.seq_len")
@@ -228,8 +233,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="MoT/dense norm placement; 'pre' matches the floor op for op")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    if args.reps < 10:
-        p.error("--reps must be >= 10 (medians of at least 10 steps)")
+    if args.reps < 0 or 0 < args.reps < 10:
+        p.error("--reps must be >= 10 (medians of at least 10 steps), or 0 for the automatic count")
     command = "python eval/bench_backbone.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results = []
     for size in args.sizes:

@@ -1,8 +1,12 @@
 """The Transfusion mask on hand-built sequences, and flex == SDPA on CUDA."""
+import unittest.mock
+
 import pytest
 import torch
 
+from transfusion_mot.model import Backbone, BackboneConfig, mot
 from transfusion_mot.model.masks import mask_from_batch, transfusion_mask
+from transfusion_mot.model.mot import additive_mask
 
 # one row: doc 0 = [t t BOI i0 i0 i0 EOI t], doc 1 = [t i1 i1 t], then 2 padding
 DOC = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, -1, -1]])
@@ -44,6 +48,25 @@ def test_kv_cache_mask_equals_slice_of_full_mask():
     q = slice(9, 12)
     part = transfusion_mask(DOC[:, q], IMG[:, q], pos[:, q], DOC, IMG, pos)
     assert torch.equal(part, full[:, :, q])
+
+
+def test_backbone_converts_the_boolean_mask_once_and_computes_the_same():
+    """Backbone turns the boolean mask into SDPA's 0 / -inf form once per batch: the same numbers as SDPA's
+    own per-call conversion; under autocast the float32 mask serves bf16 queries."""
+    mask = mask_from_batch(DOC, IMG)
+    add = additive_mask(mask, torch.float32)
+    assert torch.equal(add, torch.where(mask, 0.0, float("-inf")))
+    torch.manual_seed(0)
+    bb = Backbone(BackboneConfig(dim=32, n_layers=2, n_heads=4, n_groups=2))
+    x = torch.randn(1, 14, 32)
+    modality = (IMG >= 0).long()
+    pos = torch.arange(14)[None]
+    ours = bb(x, modality, pos, mask)
+    with unittest.mock.patch.object(mot, "additive_mask", lambda m, dtype: m):  # hand SDPA the boolean mask
+        assert torch.equal(ours, bb(x, modality, pos, mask))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = bb(x, modality, pos, mask)
+    torch.testing.assert_close(low.float(), ours, atol=0.1, rtol=0.1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention BlockMask path needs CUDA")

@@ -201,6 +201,8 @@ class Backbone(nn.Module):
         b, t, d = x.shape
         routing = Routing.from_modality(modality, self.cfg.n_groups)  # once per batch, for every layer
         rope = self.rotary(position)
+        if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:  # SDPA would convert it in every layer
+            mask = additive_mask(mask, x.dtype)
         xs = routing.split(x.reshape(b * t, d))
         if valid is not None:  # only the MoE feed-forward reads it, and MoE has one group
             valid = valid.reshape(-1)
@@ -215,3 +217,9 @@ class Backbone(nn.Module):
         """Sum of the MoE load-balancing losses of the last forward (0 for dense / MoT / expert choice)."""
         losses = [b.ffn.f.aux_loss for b in self.blocks if isinstance(b.ffn, Sublayer)]
         return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean attention mask (True = may attend) -> 0 / -inf of ``dtype``: what SDPA turns a boolean mask
+    into on every call (and again in its backward), done once per batch instead of once per layer."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
