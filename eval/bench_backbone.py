@@ -156,15 +156,16 @@ def bench_size(size: str, reps: int, warmup: int, rows: int | None, seq_len: int
     x = torch.randn(rows, seq_len, cfg.model.dim, requires_grad=True)
     names = list(models)
     times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(warmup):
+        for name in names:
+            step(models[name], x, batch, mask)
     if not reps:  # auto: ~STEP_BUDGET_S of timed steps per model, 30..150 of them (step times jitter ~10%)
         warm = statistics.median(step(models["dense"], x, batch, mask) for _ in range(3)) / 1000.0
         reps = max(30, min(150, round(STEP_BUDGET_S / warm)))
-    for rep in range(warmup + reps):
+    for rep in range(reps):
         order = names[rep % 3:] + names[:rep % 3]  # rotate who goes first
         for name in order:
-            ms = step(models[name], x, batch, mask)
-            if rep >= warmup:
-                times[name].append(ms)
+            times[name].append(step(models[name], x, batch, mask))
     med = {n: statistics.median(v) for n, v in times.items()}
     image_share = float((batch.modality == IMAGE).float().mean())
     return {

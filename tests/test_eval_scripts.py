@@ -104,3 +104,18 @@ def test_prompt_following_script_resumes(debug_run, tmp_path):
     after = {p: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
     assert len(after) == 4 and all(after[p] == stamps[p] for p in stamps if p.name != "000003.png")
     assert _results(out)["prompt_following"] == first["prompt_following"]  # same seed per image: same images
+
+
+def test_bench_backbone_writes_ratios_goals_and_notes(tmp_path):
+    """The backbone benchmark end to end at a toy batch: both ratios, every goal, the notes; too few reps refused."""
+    _main("bench_backbone.py", "--sizes", "debug", "--reps", "10", "--warmup", "1", "--rows", "2", "--seq-len", "64",
+          "--out", tmp_path)
+    record = json.loads((tmp_path / "bench_backbone.json").read_text())
+    (row,) = record["results"]
+    assert (row["size"], row["rows"], row["seq_len"], row["reps"]) == ("debug", 2, 64, 10)
+    assert row["image_token_share"] == 0.5 and row["mot_over_dense"] > 0 and row["dense_over_floor"] > 0
+    assert set(record["goals"]) == {"debug:mot_over_dense", "debug:dense_over_floor"}
+    md = (tmp_path / "bench_backbone.md").read_text()
+    assert "| debug | 2 x 64 | 10 |" in md and "## Where MoT's extra time goes" in md
+    with pytest.raises(SystemExit):
+        _main("bench_backbone.py", "--reps", "5", "--out", tmp_path)
