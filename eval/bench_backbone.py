@@ -162,16 +162,18 @@ def bench_size(size: str, reps: int, warmup: int, rows: int | None, seq_len: int
     if not reps:  # auto: ~STEP_BUDGET_S of timed steps per model, 30..150 of them (step times jitter ~10%)
         warm = statistics.median(step(models["dense"], x, batch, mask) for _ in range(3)) / 1000.0
         reps = max(30, min(150, round(STEP_BUDGET_S / warm)))
+    counters = common.cpu_counters()
     for rep in range(reps):
         order = names[rep % 3:] + names[:rep % 3]  # rotate who goes first
         for name in order:
             times[name].append(step(models[name], x, batch, mask))
+    cpu = common.cpu_share(counters, common.cpu_counters())  # steal: the VM's CPUs lent elsewhere meanwhile
     med = {n: statistics.median(v) for n, v in times.items()}
     image_share = float((batch.modality == IMAGE).float().mean())
     return {
         "size": size, "rows": rows, "seq_len": seq_len, "dim": cfg.model.dim, "n_layers": cfg.model.n_layers,
         "image_token_share": round(image_share, 4), "padding_share": round(float((batch.doc_id < 0).float().mean()), 4),
-        "reps": reps, "median_ms": {n: round(v, 3) for n, v in med.items()},
+        "reps": reps, "cpu_share": cpu, "median_ms": {n: round(v, 3) for n, v in med.items()},
         "min_ms": {n: round(min(v), 3) for n, v in times.items()},
         "mot_over_dense": round(med["mot"] / med["dense"], 4),
         "dense_over_floor": round(med["dense"] / med["floor"], 4),
@@ -214,13 +216,16 @@ def write(results: list[dict], info: dict, command: str, profiles: str, out: Pat
              f"torch {info['torch']}, device {info['device']}, 1-min load average at the end "
              f"{info['load_average_1m']}", "",
              "Forward + backward of the backbone alone, 50/50 text/image tokens (caption->image documents), "
-             "medians of the timed steps after warm-up, the three models interleaved in every repetition.", "",
-             "| size | batch x seq | timed steps | MoT ms | dense ms | floor ms | MoT/dense | dense/floor |",
-             "|---|---|---|---|---|---|---|---|"]
+             "medians of the timed steps after warm-up, the three models interleaved in every repetition. CPU busy / "
+             "steal: the machine's CPU time during the timed steps (/proc/stat); steal is time the hypervisor gave "
+             "this VM's CPUs to others.", "",
+             "| size | batch x seq | timed steps | MoT ms | dense ms | floor ms | MoT/dense | dense/floor | CPU busy / steal |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in clean:
         ms = r["median_ms"]
         lines.append(f"| {r['size']} | {r['rows']} x {r['seq_len']} | {r['reps']} | {ms['mot']:.2f} | "
-                     f"{ms['dense']:.2f} | {ms['floor']:.2f} | {r['mot_over_dense']:.3f} | {r['dense_over_floor']:.3f} |")
+                     f"{ms['dense']:.2f} | {ms['floor']:.2f} | {r['mot_over_dense']:.3f} | {r['dense_over_floor']:.3f} | "
+                     f"{_cpu(r['cpu_share'])} |")
     lines += ["", "| goal | value | target | result |", "|---|---|---|---|"]
     for name, g in goals.items():
         lines.append(f"| {name} | {g['value']:.3f} | {g['goal']} | {'pass' if g['pass'] else 'FAIL'} |")
@@ -228,6 +233,10 @@ def write(results: list[dict], info: dict, command: str, profiles: str, out: Pat
     if profiles:
         lines += ["", "## Profile (a goal failed)", "", profiles]
     (out / "bench_backbone.md").write_text("\n".join(lines) + "\n")
+
+
+def _cpu(share: dict | None) -> str:
+    return "n/a" if share is None else f"{share['busy']:.0%} / {share['steal']:.1%}"
 
 
 def main(argv: list[str] | None = None) -> None:

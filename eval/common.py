@@ -40,6 +40,26 @@ def machine() -> dict:
     return info
 
 
+def cpu_counters() -> dict[str, int] | None:
+    """Linux's cumulative CPU time of the whole machine (/proc/stat, in clock ticks): busy, idle, and
+    steal (time the hypervisor gave this VM's CPUs to someone else). None where there is no /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return {"busy": user + nice + system + irq + softirq, "idle": idle + iowait, "steal": steal}
+
+
+def cpu_share(before: dict | None, after: dict | None) -> dict[str, float] | None:
+    """Shares of the machine's CPU time between two ``cpu_counters`` readings: busy, idle, steal."""
+    if before is None or after is None:
+        return None
+    delta = {k: after[k] - before[k] for k in before}
+    total = sum(delta.values()) or 1
+    return {k: round(v / total, 4) for k, v in delta.items()}
+
+
 def command() -> str:
     return " ".join(["python", *[a if " " not in a else repr(a) for a in sys.argv]])
 

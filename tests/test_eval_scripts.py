@@ -114,6 +114,7 @@ def test_bench_backbone_writes_ratios_goals_and_notes(tmp_path):
     (row,) = record["results"]
     assert (row["size"], row["rows"], row["seq_len"], row["reps"]) == ("debug", 2, 64, 10)
     assert row["image_token_share"] == 0.5 and row["mot_over_dense"] > 0 and row["dense_over_floor"] > 0
+    assert set(row["cpu_share"]) == {"busy", "idle", "steal"} and abs(sum(row["cpu_share"].values()) - 1) < 0.01
     assert set(record["goals"]) == {"debug:mot_over_dense", "debug:dense_over_floor"}
     md = (tmp_path / "bench_backbone.md").read_text()
     assert "| debug | 2 x 64 | 10 |" in md and "## Where MoT's extra time goes" in md
