@@ -13,7 +13,7 @@ shared machine's speed hits all of them alike; the reported numbers are medians 
 Goals (issue 4): MoT/dense <= 1.10 and dense/floor <= 1.15. A failed goal adds a profile of the
 slowest ops of each model to the markdown.
 
-    python eval/bench_backbone.py [--sizes debug small] [--reps 0 (auto)] [--warmup 3]
+    python eval/bench_backbone.py [--sizes debug small] [--reps 0 (auto)] [--warmup 3] [--threads N]
 """
 from __future__ import annotations
 
@@ -44,22 +44,23 @@ GOALS = {"mot_over_dense": 1.10, "dense_over_floor": 1.15}
 STEP_BUDGET_S = 4.0  # default timed steps per model: this many seconds' worth (debug ~130 steps, small 30)
 MOT_OVERHEAD = (
     "At `debug` (2 layers, D=64, 2048 tokens) MoT runs each per-modality projection, FFN and norm as two "
-    "half-size ops (twice the launches and autograd nodes; a 16-token step costs MoT 3.1 ms vs dense 1.8 ms) "
-    "and, per layer, merges the groups' Q/K/V into sequence order for attention and splits its output again "
-    "(cat + one gather each way, ~0.2 ms); between layers the residual stream stays one tensor per group. At "
-    "`small` (D=256) the matmuls dominate and MoT is within a few percent of dense. On this 2-core VM the debug "
-    "ratio moves between runs of the same code minutes apart (1.05-1.09 in some, 1.14-1.21 in others); profiles "
-    "of the slow runs show ops that write large fresh buffers (cat, matmul outputs, gathers) taking several "
-    "times their usual time, and MoT has more of them. Tried and not kept: a group-sorted "
-    "single residual stream with per-group weights stacked (G, out, in) and torch's F.grouped_mm, one op per "
-    "projection and every elementwise op once over all tokens (bit-identical forward): six alternating runs "
-    "gave it 1.07-1.17 and the current code 1.04-1.12, because grouped_mm on the CPU loops over the groups "
-    "itself, per-row norm "
-    "weights need a gather (an index_add in the backward) and dense paid for weight[0] selects; glibc malloc "
-    "thresholds that keep freed memory in the process: page faults per dense step fell from 135-290 to 7-13, "
-    "but slow runs stayed slow (1.14) and training throughput did not move beyond noise. Kept: the "
-    "boolean mask is converted to SDPA's additive form once per batch instead of in every layer's forward and "
-    "backward.")
+    "half-size ops and, per layer, merges the groups' Q/K/V into sequence order for attention and splits its "
+    "output again (cat + one gather each way, ~0.2 ms); between layers the residual stream stays one tensor per "
+    "group. On one thread this costs little: `--threads 1` gave MoT/dense 1.02-1.08 (0.99-1.06 in a quicker "
+    "two-model loop). MoT runs ~1.7x as many ops, each half the size, so it pays the fixed cost of an op more "
+    "often (a 16-token step: MoT 3.0 ms vs dense 1.7 ms) and, on this VM's two threads, the split of every op "
+    "across both cores and the join after it; the two-thread ratio moves between runs of the same code minutes apart (1.04-1.09 in "
+    "most, 1.14-1.21 in some; CPU steal stayed below 0.2% in the slow ones). At `small` (D=256) the matmuls "
+    "dominate and MoT is within a few percent of dense. Tried and not kept: (a) a group-sorted single residual "
+    "stream with per-group weights stacked (G, out, in) and F.grouped_mm (one op per projection, elementwise "
+    "work once over all tokens, bit-identical forward): six alternating runs gave it 1.07-1.17 and the current "
+    "code 1.04-1.12, since grouped_mm on the CPU loops over the groups itself, per-row norm weights need a "
+    "gather (an index_add in the backward) and dense paid for weight[0] selects; (b) glibc malloc thresholds "
+    "that keep freed memory in the process: page faults per dense step fell from 135-290 to 7-13, but slow "
+    "runs stayed slow (1.14) and training throughput did not move beyond noise; (c) torch.compile (inductor, "
+    "CPU) of all three models: 1.00-1.13 (routing's host sync, the id check and group counts, breaks MoT's "
+    "graph). Kept: the boolean mask is converted to SDPA's additive form once per batch instead of in "
+    "every layer's forward and backward.")
 
 
 # ---------------------------------------------------------------- the floor: a plain transformer
@@ -216,16 +217,17 @@ def write(results: list[dict], info: dict, command: str, profiles: str, out: Pat
              f"torch {info['torch']}, device {info['device']}, 1-min load average at the end "
              f"{info['load_average_1m']}", "",
              "Forward + backward of the backbone alone, 50/50 text/image tokens (caption->image documents), "
-             "medians of the timed steps after warm-up, the three models interleaved in every repetition. CPU busy / "
-             "steal: the machine's CPU time during the timed steps (/proc/stat); steal is time the hypervisor gave "
-             "this VM's CPUs to others.", "",
-             "| size | batch x seq | timed steps | MoT ms | dense ms | floor ms | MoT/dense | dense/floor | CPU busy / steal |",
+             "medians of the timed steps after warm-up, the three models interleaved in every repetition. CPU "
+             "busy / steal: the machine's CPU time during the timed steps (/proc/stat); steal is time the "
+             "hypervisor gave this VM's CPUs to others.", "",
+             "| size | batch x seq | timed steps | MoT ms | dense ms | floor ms | MoT/dense | dense/floor "
+             "| CPU busy / steal |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in clean:
         ms = r["median_ms"]
         lines.append(f"| {r['size']} | {r['rows']} x {r['seq_len']} | {r['reps']} | {ms['mot']:.2f} | "
-                     f"{ms['dense']:.2f} | {ms['floor']:.2f} | {r['mot_over_dense']:.3f} | {r['dense_over_floor']:.3f} | "
-                     f"{_cpu(r['cpu_share'])} |")
+                     f"{ms['dense']:.2f} | {ms['floor']:.2f} | {r['mot_over_dense']:.3f} | "
+                     f"{r['dense_over_floor']:.3f} | {_cpu(r['cpu_share'])} |")
     lines += ["", "| goal | value | target | result |", "|---|---|---|---|"]
     for name, g in goals.items():
         lines.append(f"| {name} | {g['value']:.3f} | {g['goal']} | {'pass' if g['pass'] else 'FAIL'} |")
@@ -249,8 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="default: data.seq_len")
     p.add_argument("--norm-placement", default="pre", choices=["pre", "post"],
                    help="MoT/dense norm placement; 'pre' matches the floor op for op")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's own choice)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.reps < 0 or 0 < args.reps < 10:
         p.error("--reps must be >= 10 (medians of at least 10 steps), or 0 for the automatic count")
     command = "python eval/bench_backbone.py " + " ".join(sys.argv[1:] if argv is None else argv)
