@@ -50,7 +50,7 @@ MOT_OVERHEAD = (
     "two-model loop). MoT runs ~1.7x as many ops, each half the size, so it pays the fixed cost of an op more "
     "often (a 16-token step: MoT 3.0 ms vs dense 1.7 ms) and, on this VM's two threads, the split of every op "
     "across both cores and the join after it; the two-thread ratio moves between runs of the same code minutes apart (1.04-1.09 in "
-    "most, 1.14-1.21 in some; CPU steal stayed below 0.2% in the slow ones). At `small` (D=256) the matmuls "
+    "most, 1.14-1.21 in some; CPU steal at most 0.2% in the slow ones). At `small` (D=256) the matmuls "
     "dominate and MoT is within a few percent of dense. Tried and not kept: (a) a group-sorted single residual "
     "stream with per-group weights stacked (G, out, in) and F.grouped_mm (one op per projection, elementwise "
     "work once over all tokens, bit-identical forward): six alternating runs gave it 1.07-1.17 and the current "
