@@ -45,22 +45,22 @@ STEP_BUDGET_S = 4.0  # default timed steps per model: this many seconds' worth (
 MOT_OVERHEAD = (
     "At `debug` (2 layers, D=64, 2048 tokens) MoT runs each per-modality projection, FFN and norm as two "
     "half-size ops and, per layer, merges the groups' Q/K/V into sequence order for attention and splits its "
-    "output again (cat + one gather each way, ~0.2 ms); between layers the residual stream stays one tensor per "
-    "group. On one thread this costs little: `--threads 1` gave MoT/dense 1.02-1.08 (0.99-1.06 in a quicker "
-    "two-model loop). MoT runs ~1.7x as many ops, each half the size, so it pays the fixed cost of an op more "
-    "often (a 16-token step: MoT 3.0 ms vs dense 1.7 ms) and, on this VM's two threads, the split of every op "
-    "across both cores and the join after it; the two-thread ratio moves between runs of the same code minutes apart (1.04-1.09 in "
-    "most, 1.14-1.21 in some; CPU steal at most 0.2% in the slow ones). At `small` (D=256) the matmuls "
-    "dominate and MoT is within a few percent of dense. Tried and not kept: (a) a group-sorted single residual "
-    "stream with per-group weights stacked (G, out, in) and F.grouped_mm (one op per projection, elementwise "
-    "work once over all tokens, bit-identical forward): six alternating runs gave it 1.07-1.17 and the current "
-    "code 1.04-1.12, since grouped_mm on the CPU loops over the groups itself, per-row norm weights need a "
-    "gather (an index_add in the backward) and dense paid for weight[0] selects; (b) glibc malloc thresholds "
-    "that keep freed memory in the process: page faults per dense step fell from 135-290 to 7-13, but slow "
-    "runs stayed slow (1.14) and training throughput did not move beyond noise; (c) torch.compile (inductor, "
-    "CPU) of all three models: 1.00-1.13 (routing's host sync, the id check and group counts, breaks MoT's "
-    "graph). Kept: the boolean mask is converted to SDPA's additive form once per batch instead of in "
-    "every layer's forward and backward.")
+    "output again (cat + one gather each way, ~0.2 ms); between layers the residual stream stays one tensor "
+    "per group. On one thread this costs little: `--threads 1` gave MoT/dense 1.02-1.08 (0.99-1.06 in a "
+    "quicker two-model loop). MoT runs ~1.7x as many ops, each half the size, so it pays the fixed cost of an"
+    " op more often (a 16-token step: MoT 3.0 ms vs dense 1.7 ms) and, on this VM's two threads, the split of"
+    " every op across both cores and the join after it; the two-thread ratio moves between runs of the same "
+    "code minutes apart (1.04-1.09 in most, 1.14-1.21 in some; CPU steal at most 0.2% in the slow ones). At "
+    "`small` (D=256) the matmuls dominate and MoT is within a few percent of dense. Tried and not kept: (a) a"
+    " group-sorted single residual stream with per-group weights stacked (G, out, in) and F.grouped_mm (one "
+    "op per projection, elementwise work once over all tokens, bit-identical forward): twelve alternating "
+    "runs gave it 1.07-1.17 and the current code 1.04-1.15, since grouped_mm on the CPU loops over the groups "
+    "itself, per-row norm weights need a gather (an index_add in the backward) and dense paid for weight[0] "
+    "selects; (b) glibc malloc thresholds that keep freed memory in the process: page faults per dense step "
+    "fell from 135-290 to 7-13, but slow runs stayed slow (1.14) and training throughput did not move beyond "
+    "noise; (c) torch.compile (inductor, CPU) of all three models: 1.00-1.13 (routing's host sync, the id "
+    "check and group counts, breaks MoT's graph). Kept: the boolean mask is converted to SDPA's additive form"
+    " once per batch instead of once per layer.")
 
 
 # ---------------------------------------------------------------- the floor: a plain transformer

@@ -221,5 +221,5 @@ class Backbone(nn.Module):
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean attention mask (True = may attend) -> 0 / -inf of ``dtype``: what SDPA turns a boolean mask
-    into on every call (and again in its backward), done once per batch instead of once per layer."""
+    into on every call, done once per batch instead of once per layer (and held once, not per layer)."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
