@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from transfusion_mot.model import Backbone, BackboneConfig, mot
-from transfusion_mot.model.masks import mask_from_batch, transfusion_mask
-from transfusion_mot.model.mot import additive_mask
+from transfusion_mot.model.masks import additive_mask, mask_from_batch, transfusion_mask
 
 # one row: doc 0 = [t t BOI i0 i0 i0 EOI t], doc 1 = [t i1 i1 t], then 2 padding
 DOC = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, -1, -1]])

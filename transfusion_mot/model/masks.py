@@ -4,8 +4,9 @@ Token i may attend to token j iff both belong to the same document and either j 
 i (causal text) or both are patches of the same image (bidirectional inside an image). Padding
 (doc_id == -1) sees only itself, so its rows stay finite, and no real token ever sees padding.
 
-Two realisations of the same rule: a boolean tensor for SDPA (any device, the CPU training path) and
-a flex-attention ``BlockMask`` (CUDA). ``tests/test_masks.py`` checks that they agree.
+Two realisations of the same rule: a boolean tensor for SDPA (any device, the CPU training path; the
+backbone turns it into SDPA's additive form once per batch, ``additive_mask``) and a flex-attention
+``BlockMask`` (CUDA). ``tests/test_masks.py`` checks that they agree.
 """
 from __future__ import annotations
 
@@ -40,6 +41,12 @@ def mask_from_batch(doc_id: torch.Tensor, image_id: torch.Tensor) -> torch.Tenso
     b, t = doc_id.shape
     idx = torch.arange(t, device=doc_id.device).expand(b, t)
     return transfusion_mask(doc_id, image_id, idx)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask -> 0 where True, -inf where False, in ``dtype``: what SDPA turns a boolean mask into on
+    every call, so converting it once per batch saves the conversion (and a float copy) in every layer."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def flex_block_mask(doc_id: torch.Tensor, image_id: torch.Tensor):

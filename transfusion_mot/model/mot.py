@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import RMSNorm, Rotary, SwiGLU, apply_rotary, ffn_hidden_dim
+from .masks import additive_mask
 from .modality import PerModality, Routing
 
 
@@ -217,9 +218,3 @@ class Backbone(nn.Module):
         """Sum of the MoE load-balancing losses of the last forward (0 for dense / MoT / expert choice)."""
         losses = [b.ffn.f.aux_loss for b in self.blocks if isinstance(b.ffn, Sublayer)]
         return torch.stack(losses).sum() if losses else torch.zeros(())
-
-
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean attention mask (True = may attend) -> 0 / -inf of ``dtype``: what SDPA turns a boolean mask
-    into on every call, done once per batch instead of once per layer (and held once, not per layer)."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
