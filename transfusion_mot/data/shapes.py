@@ -509,8 +509,7 @@ def reconstruction_score(roundtrip: Callable[[torch.Tensor], torch.Tensor], n: i
     encode + decode) and checked against their own captions. A model decoding through that codec cannot
     be expected to score above it."""
     scenes = [make_scene(split_seed("test", i), max_shapes, textured) for i in range(n)]
-    pixels = torch.stack([torch.from_numpy(np.asarray(render(s, resolution), dtype=np.float32) / 255.0).permute(2, 0, 1)
-                          for s in scenes])
+    pixels = torch.stack([torch.from_numpy(_as_array(render(s, resolution))).permute(2, 0, 1) for s in scenes])
     return prompt_following_score(roundtrip(pixels), [caption(s) for s in scenes])
 
 
