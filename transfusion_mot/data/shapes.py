@@ -488,15 +488,20 @@ def split_seed(split: str, index: int) -> int:
     return SPLIT_OFFSETS[split] + index
 
 
+def held_out_scenes(n: int, split: str = "test", max_shapes: int = 4, textured: bool = True) -> list[Scene]:
+    """The first ``n`` scenes of ``split`` (the same scenes the data set serves as its items 0..n-1)."""
+    return [make_scene(split_seed(split, i), max_shapes, textured) for i in range(n)]
+
+
 def held_out_prompts(n: int, split: str = "test", max_shapes: int = 4) -> list[str]:
     """Captions of the first ``n`` scenes of ``split``: the prompts a model is scored on."""
-    return [caption(make_scene(split_seed(split, i), max_shapes)) for i in range(n)]
+    return [caption(s) for s in held_out_scenes(n, split, max_shapes)]
 
 
 @functools.lru_cache(maxsize=8)
 def chance_score(n: int = 128, resolution: int = 64, max_shapes: int = 4) -> float:
     """What ignoring the prompt scores: real test image i checked against the caption of image i + 1."""
-    scenes = [make_scene(split_seed("test", i), max_shapes) for i in range(n)]
+    scenes = held_out_scenes(n, max_shapes=max_shapes)
     images = [render(s, resolution) for s in scenes]
     prompts = [caption(scenes[(i + 1) % n]) for i in range(n)]
     return prompt_following_score(images, prompts)
@@ -508,7 +513,7 @@ def reconstruction_score(roundtrip: Callable[[torch.Tensor], torch.Tensor], n: i
     held-out prompts) passed through ``roundtrip`` ((N, 3, H, W) in [0, 1] -> the same, e.g. a VAE's
     encode + decode) and checked against their own captions. A model decoding through that codec cannot
     be expected to score above it."""
-    scenes = [make_scene(split_seed("test", i), max_shapes, textured) for i in range(n)]
+    scenes = held_out_scenes(n, max_shapes=max_shapes, textured=textured)
     pixels = torch.stack([torch.from_numpy(_as_array(render(s, resolution))).permute(2, 0, 1) for s in scenes])
     return prompt_following_score(roundtrip(pixels), [caption(s) for s in scenes])
 
