@@ -18,6 +18,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from . import rng
 from .data.packing import IMAGE, TEXT, Batch, Specials
 from .data.segments import Image, Text
 from .flow import cfg_velocity, euler_sample, time_grid
@@ -149,9 +150,9 @@ def time_steps(steps: int, scheduler: str = "euler", shift: float = 1.0) -> list
     return sigmas if sigmas[-1] == 0.0 else sigmas + [0.0]
 
 
-def _initial_noise(shape, seeds: list[int], device) -> torch.Tensor:
-    """One generator per image: an image's noise depends on its seed only, not on the batch."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+def _initial_noise(shape, seed: int, keys: list[int], device) -> torch.Tensor:
+    """One stream per image (``rng.py``): an image's noise depends on (seed, its key) only, not on the batch."""
+    return torch.stack([rng.normal(shape, seed, k, purpose="sample_noise") for k in keys]).to(device)
 
 
 @torch.no_grad()
@@ -214,8 +215,8 @@ def generate_images(model, prompt_ids: list[list[int]], specials: Specials, step
                     seed: int = 0, n_per_prompt: int = 1, batch_size: int = 16, scheduler: str = "euler",
                     shift: float = 1.0, use_cache: bool = True, progress: bool = False,
                     first_index: int = 0) -> torch.Tensor:
-    """Latents (len(prompts) * n_per_prompt, C, h, w), prompt-major. Image k's noise is seeded by
-    ``seed * 1_000_003 + first_index + k``: the same seed gives the same images whatever the batch size,
+    """Latents (len(prompts) * n_per_prompt, C, h, w), prompt-major. Image k's noise is the stream
+    ``(seed, first_index + k)`` of ``rng.py``: the same seed gives the same images whatever the batch size,
     and a long job can be generated in pieces (``first_index``) with the same result."""
     _check_args(steps, cfg_scale)
     if not prompt_ids:
@@ -232,8 +233,7 @@ def generate_images(model, prompt_ids: list[list[int]], specials: Specials, step
     bar = tqdm(total=len(jobs), desc="images", disable=not progress)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        seeds = [seed * 1_000_003 + first_index + start + k for k in range(len(chunk))]
-        noise = _initial_noise(shape, seeds, device)
+        noise = _initial_noise(shape, seed, [first_index + start + k for k in range(len(chunk))], device)
         ids = [prompt_ids[i] for i, _ in chunk]
         out.append(sample_latents(model, ids, specials, noise, steps, cfg_scale, scheduler, shift, use_cache))
         bar.update(len(chunk))
@@ -299,7 +299,7 @@ def generate_text(model, prompt_ids: list[list[int]], specials: Specials, max_ne
     model.eval()
     ctx = Context(model, len(prompt_ids), device)
     logits = ctx.feed_text([[specials.bos, *x] for x in prompt_ids], specials.pad)
-    gen = torch.Generator().manual_seed(seed)
+    gen = rng.torch_generator(seed, purpose="decode")
     return _decode(ctx, logits, specials, max_new_tokens, temperature, top_k, top_p, gen,
                    banned=(specials.boi, specials.eoi, specials.pad, specials.bos), min_new_tokens=min_new_tokens)
 
@@ -314,7 +314,7 @@ def caption_images(model, latents: torch.Tensor, specials: Specials, max_new_tok
     ctx = Context(model, latents.shape[0], device)
     ctx.feed_text([[specials.bos, specials.boi]] * latents.shape[0], specials.pad)
     logits = ctx.feed_image(latents.to(device), specials.eoi, specials.pad)
-    gen = torch.Generator().manual_seed(seed)
+    gen = rng.torch_generator(seed, purpose="decode")
     ids = _decode(ctx, logits, specials, max_new_tokens, temperature, top_k, top_p, gen,
                   banned=(specials.boi, specials.eoi, specials.pad, specials.bos))
     return [x[:-1] if x and x[-1] == specials.eos else x for x in ids]
@@ -332,7 +332,7 @@ def generate_interleaved(model, prompt_ids: list[int], specials: Specials, max_n
     model.eval()
     cfg = model.cfg
     shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-    gen = torch.Generator().manual_seed(seed)
+    gen = rng.torch_generator(seed, purpose="decode")
     starts_with_image = bool(prompt_ids) and prompt_ids[-1] == specials.boi
     text = list(prompt_ids[:-1] if starts_with_image else prompt_ids)
     ctx = Context(model, 1, device)
@@ -343,7 +343,7 @@ def generate_interleaved(model, prompt_ids: list[int], specials: Specials, max_n
         if pending_image:
             if text:
                 segments.append(Text(text))
-            latent = _image_in_context(ctx, specials, shape, steps, cfg_scale, seed * 1_000_003 + n_images, device)
+            latent = _image_in_context(ctx, specials, shape, steps, cfg_scale, seed, n_images, device)
             segments.append(Image(latent[0].cpu()))
             n_images += 1
             logits = ctx.feed_image(latent, specials.eoi, specials.pad)
@@ -366,7 +366,8 @@ def generate_interleaved(model, prompt_ids: list[int], specials: Specials, max_n
     return segments
 
 
-def _image_in_context(ctx: Context, specials: Specials, shape, steps: int, cfg_scale: float, seed: int, device):
+def _image_in_context(ctx: Context, specials: Specials, shape, steps: int, cfg_scale: float, seed: int, index: int,
+                      device):
     """Flow-sample one image whose context is ``ctx`` (ending in BOI), with CFG via a second,
     unconditional context ``BOS, BOI``."""
     uncond = None
@@ -378,7 +379,7 @@ def _image_in_context(ctx: Context, specials: Specials, shape, steps: int, cfg_s
         v = ctx.image_velocity(x, t, specials.pad).float()
         return v if uncond is None else cfg_velocity(v, uncond.image_velocity(x, t, specials.pad).float(), cfg_scale)
 
-    return euler_sample(velocity, _initial_noise(shape, [seed], device), steps)
+    return euler_sample(velocity, _initial_noise(shape, seed, [index], device), steps)
 
 
 def truncate_prompt(ids: list[int], limit: int) -> list[int]:

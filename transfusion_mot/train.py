@@ -124,6 +124,7 @@ def train(cfg: Config, evaluate_at_end: bool = True) -> Path:
     specials = Specials.of(tokenizer)
     records = build_records(cfg.data, "train")
     codec, encode = prepare_codec(cfg, run_dir, accelerator, records)
+    set_seed(cfg.train.seed)  # the initial weights must not depend on whether a VAE was just trained
     model, opt, sched = setup_model(cfg, tokenizer.vocab_size, accelerator)
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     model, opt, sched = accelerator.prepare(model, opt, sched)
