@@ -95,6 +95,8 @@ def from_pretrained(run_dir: str | Path, device: str | torch.device = "cpu") -> 
     model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
     cfg, state = load_exported(model_dir)
     tokenizer = prepare_tokenizer(cfg)
+    if not cfg.model.vocab_size and "tok_emb.weight" in state:  # the rows it was trained with (any rounding)
+        cfg.model.vocab_size = int(state["tok_emb.weight"].shape[0])
     model = build_model(cfg.model, tokenizer.vocab_size)
     try:
         model.load_state_dict(state)

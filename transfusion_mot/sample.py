@@ -275,9 +275,10 @@ def _decode(ctx: Context, logits: torch.Tensor, specials: Specials, max_new_toke
     stops = {specials.eos} | ({specials.boi} if stop_at_boi else set())
     for step in range(max_new_tokens):
         ban = list(banned) + ([specials.eos] if step < min_new_tokens else [])
-        if ban:
+        if ban or 0 < specials.vocab < logits.shape[-1]:
             logits = logits.clone()
             logits[:, ban] = float("-inf")
+            logits[:, specials.vocab or logits.shape[-1]:] = float("-inf")  # the head's rows past the tokenizer
         tok = pick_token(logits, temperature, top_k, top_p, generator)
         for r in range(rows):
             if not done[r]:

@@ -27,7 +27,7 @@ from .components.tracking import MetricsLog, plot_losses
 from .config import Config, load_config
 from .data.packing import IGNORE, Specials
 from .data.pipeline import BatchStream, ExampleSource, build_records
-from .model import build_model, untie_from_dense
+from .model import build_model, model_vocab_size, untie_from_dense
 
 
 class Stop(Exception):
@@ -121,6 +121,7 @@ def train(cfg: Config, evaluate_at_end: bool = True) -> Path:
 
     # --- build ---
     tokenizer = prepare_tokenizer(cfg)
+    model_vocab_size(cfg.model, tokenizer.vocab_size)  # a model.vocab_size too small for it stops here
     specials = Specials.of(tokenizer)
     records = build_records(cfg.data, "train")
     codec, encode = prepare_codec(cfg, run_dir, accelerator, records)

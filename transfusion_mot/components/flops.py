@@ -27,11 +27,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from ..config import ModelConfig, load_config
+from ..model import padded_vocab
 from ..model.layers import ffn_hidden_dim
 from ..model.sizes import SIZES
 
 TIMESTEP_FREQ_DIM = 256  # TimestepEmbedding's sinusoid width (model/layers.py)
 BYTE_VOCAB = 256 + 5  # the "bytes" tokenizer: 256 byte ids + BOS, EOS, pad, BOI, EOI
+PAPER_TOKENIZER_VOCAB = 32000 + 3  # Llama 2's sentencepiece ids + the pad, BOI and EOI data/tokenizer.py appends
 PAPER_SEQ_LEN = 4096  # the MoT / Transfusion papers' training context
 
 
@@ -98,7 +100,8 @@ def measured_flops(model: torch.nn.Module, batch, backward: bool = False) -> int
 
 
 def size_config(size: str, arch: str) -> tuple[ModelConfig, int]:
-    """The model config of a named size and arch, with a vocabulary, and the size's sequence length."""
+    """The model config of a named size and arch, with a vocabulary (the bytes tokenizer's for debug and
+    small, Llama 2's for the paper sizes, rounded as ``build_model`` rounds it), and the size's sequence length."""
     paper = size not in ("debug", "small")
     overrides = [f"model.size={size}", f"model.arch={arch}"]
     if paper:
@@ -106,7 +109,7 @@ def size_config(size: str, arch: str) -> tuple[ModelConfig, int]:
     cfg = load_config(None, overrides)
     model = cfg.model
     if not model.vocab_size:
-        model = dataclasses.replace(model, vocab_size=BYTE_VOCAB)
+        model = dataclasses.replace(model, vocab_size=padded_vocab(PAPER_TOKENIZER_VOCAB if paper else BYTE_VOCAB))
     return model, cfg.data.seq_len
 
 

@@ -28,10 +28,12 @@ class Specials:
     pad: int
     boi: int
     eoi: int
+    vocab: int = 0  # the tokenizer's ids are 0..vocab-1; sampling never emits the LM head's padding rows above
 
     @classmethod
     def of(cls, tokenizer) -> "Specials":
-        return cls(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.boi_id, tokenizer.eoi_id)
+        return cls(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.boi_id, tokenizer.eoi_id,
+                   tokenizer.vocab_size)
 
 
 @dataclass

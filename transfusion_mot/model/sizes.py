@@ -3,12 +3,13 @@ loader applies them as defaults under YAML and CLI keys, and every size builds a
 through ``model.arch``.
 
 The paper sizes follow the Transfusion paper's table of shapes (the MoT paper's "Transfusion
-setting"): Llama-2 vocabulary, 256 px images through an 8x VAE with 8 latent channels, 2x2 patches
-(256 patches per image), sequence length 4096. Names count a dense model's parameters.
+setting"): 256 px images through an 8x VAE with 8 latent channels, 2x2 patches (256 patches per image),
+sequence length 4096. Names count a dense model's parameters. No size fixes the vocabulary: it comes
+from the run's tokenizer (the paper's Llama 2: 32,000 ids + pad/BOI/EOI, 32,064 rows).
 """
 from __future__ import annotations
 
-_PAPER = dict(vocab_size=32000, latent_channels=8, latent_size=32, patch_size=2)
+_PAPER = dict(latent_channels=8, latent_size=32, patch_size=2)
 
 SIZES: dict[str, dict] = {
     # Runs in seconds on a CPU: tests, CI, notebooks.
