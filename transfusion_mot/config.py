@@ -311,6 +311,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.n_modalities={m.n_modalities}: text and image need at least 2")
     if m.arch == "moe" and m.moe_experts < 2:
         raise ConfigError(f"model.moe_experts={m.moe_experts} must be >= 2 for model.arch='moe'")
+    if m.arch == "moe" and not 0 < m.moe_capacity <= m.moe_experts:
+        raise ConfigError(f"model.moe_capacity={m.moe_capacity} must lie in (0, model.moe_experts={m.moe_experts}]")
     if f.loss_weight < 0:
         raise ConfigError(f"flow.loss_weight={f.loss_weight} must be >= 0 (lambda weighs the flow loss)")
     for key, value in (("codec.vae_latent_noise", cfg.codec.vae_latent_noise),

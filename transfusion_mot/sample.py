@@ -4,7 +4,8 @@ interleaved text and images, and captioning (DESIGN §3).
 Every sequence here is one document laid out exactly as in training (``data/packing.py``): a prompt is
 ``BOS, ids..., BOI`` and the image's patches follow it; captioning context is ``BOS, BOI, patches, EOI``.
 Rows of different prompt lengths are left-padded with padding tokens (doc id -1), which the
-Transfusion mask isolates, so a row's result does not depend on what else is in the batch.
+Transfusion mask isolates, so a row's result does not depend on what else is in the batch (for MoE-4x
+too: sampling runs in eval mode, where every token is routed by itself, ``MoEFeedForward``).
 
 The prompt is the same at every flow step, and image patches never attend to anything after them, so
 the prompt's keys/values are computed once (``Context.feed``) and each step runs only the image tokens

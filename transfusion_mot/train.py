@@ -93,8 +93,11 @@ def train_step(model, batches: list, cfg: Config, accelerator: Accelerator, seed
         ctx = accelerator.no_sync(model) if not last else _nullcontext()
         with ctx, accelerator.autocast():
             parts = flow.loss_parts(model, batch, cfg.flow, seed)
-            loss = parts.total(cfg.flow.loss_weight, cfg.model.moe_aux_weight / len(batches), lm_denom, flow_denom)
-            accelerator.backward(loss * world)  # DDP averages over ranks; our sums already are global
+            loss = parts.total(cfg.flow.loss_weight, 0.0, lm_denom, flow_denom)
+            # DDP averages gradients over ranks: the LM / flow sums are over the global counts, so they are
+            # scaled back up by world; the MoE aux loss is each rank's own mean, so DDP's average is its weight.
+            aux = parts.aux * (cfg.model.moe_aux_weight / len(batches))
+            accelerator.backward(loss * world + aux)
         totals += torch.stack([parts.lm_sum.detach() / lm_denom, parts.flow_sum.detach() / flow_denom,
                                parts.aux.detach() / len(batches)])
     totals = accelerator.reduce(totals, reduction="sum")

@@ -7,8 +7,9 @@ token meets, backward twice the forward, so training = 3x forward = 6 per weight
 * Backbone matmuls: the **active** non-embedding weight matrices of every layer, i.e. the ones a
   single token is multiplied by. MoT: one modality group's QKV, output projection and SwiGLU (the
   other groups' weights exist but this token never meets them, so MoT FLOPs == dense FLOPs).
-  MoE-4x: the router plus ``capacity`` experts on average under expert choice (each expert takes
-  ``capacity * N / E`` of the N tokens), exactly one expert under token choice.
+  MoE-4x: the router plus ``capacity`` experts on average under expert choice (a document's n real
+  tokens fill round(capacity * n) expert slots) and the causal router's predictor, exactly one expert
+  under token choice.
 * Attention scores and values: ``QK^T`` and ``AV`` over the **full** T x T square, 4·D·T per layer
   forward (PaLM's 12·L·H·Q·T for training). This is what SDPA computes with a boolean mask; flex
   attention skips masked blocks, so it does less work than is counted here (as in the papers).
@@ -43,8 +44,10 @@ def active_matmul_params(cfg: ModelConfig) -> dict[str, float]:
     hidden = cfg.ffn_dim or ffn_hidden_dim(d)
     ffn = 3 * d * hidden  # SwiGLU: w1 and w3 (fused, D x 2H) and w2 (H x D)
     if cfg.arch == "moe":
-        experts = cfg.moe_capacity if cfg.moe_routing == "expert_choice" else 1.0
-        ffn = d * cfg.moe_experts + experts * ffn  # router + the experts a token visits on average
+        expert_choice = cfg.moe_routing == "expert_choice"
+        experts = cfg.moe_capacity if expert_choice else 1.0
+        routers = 2 if expert_choice else 1  # expert choice: the router and its causal predictor
+        ffn = routers * d * cfg.moe_experts + experts * ffn  # + the experts a token visits on average
     backbone = cfg.n_layers * (4 * d * d + ffn)  # QKV (D x 3D) + output (D x D) + feed-forward
     patch_dim = cfg.latent_channels * cfg.patch_size ** 2
     n_patches = (cfg.latent_size // cfg.patch_size) ** 2

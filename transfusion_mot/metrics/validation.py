@@ -56,7 +56,8 @@ def _seq_len(pairs: list[Pair], patch_size: int) -> int:
 @torch.no_grad()
 def validation_losses(model, pairs: list[Pair], specials: Specials, grid: int = 8, seed: int = 1234,
                       batch_size: int = 16, text: bool = True) -> ValResult:
-    """All validation numbers on ``pairs``. One document per row, so batch size changes nothing."""
+    """All validation numbers on ``pairs``. One document per row, and the model in eval mode (MoE-4x routes
+    each token by itself there), so the batch size changes nothing."""
     if not pairs:
         raise ValueError("validation needs at least one held-out pair")
     was_training = model.training
