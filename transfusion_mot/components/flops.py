@@ -36,6 +36,9 @@ TIMESTEP_FREQ_DIM = 256  # TimestepEmbedding's sinusoid width (model/layers.py)
 BYTE_VOCAB = 256 + 5  # the "bytes" tokenizer: 256 byte ids + BOS, EOS, pad, BOI, EOI
 PAPER_TOKENIZER_VOCAB = 32000 + 3  # Llama 2's sentencepiece ids + the pad, BOI and EOI data/tokenizer.py appends
 PAPER_SEQ_LEN = 4096  # the MoT / Transfusion papers' training context
+# The papers' image setting: 256 px through an 8-channel 8x VAE (said here with our trained VAE's shape
+# knobs: four blocks, three 2x downsamplings), so a paper size's latent is 8 x 32 x 32: 256 patches of 2 x 2.
+PAPER_DATA = ("data.resolution=256", "codec.vae_latent_channels=8", "codec.vae_channels=[64,64,64,64]")
 
 
 def active_matmul_params(cfg: ModelConfig) -> dict[str, float]:
@@ -108,7 +111,7 @@ def size_config(size: str, arch: str) -> tuple[ModelConfig, int]:
     paper = size not in ("debug", "small")
     overrides = [f"model.size={size}", f"model.arch={arch}"]
     if paper:
-        overrides.append(f"data.seq_len={PAPER_SEQ_LEN}")
+        overrides += [f"data.seq_len={PAPER_SEQ_LEN}", *PAPER_DATA]
     cfg = load_config(None, overrides)
     model = cfg.model
     if not model.vocab_size:
