@@ -44,12 +44,12 @@ def sync_time() -> float:
 
 # ---------------------------------------------------------------- training throughput
 def build(size: str, arch: str):
-    from transfusion_mot.components.flops import PAPER_DATA, PAPER_TOKENIZER_VOCAB
+    from transfusion_mot.components.flops import PAPER_TOKENIZER_VOCAB, size_data
     from transfusion_mot.config import load_config
     from transfusion_mot.model import build_model
 
     cfg = load_config(None, [f"model.size={size}", f"model.arch={arch}", "model.attention=flex",
-                             f"data.seq_len={SEQ_LEN}", *PAPER_DATA])
+                             f"data.seq_len={SEQ_LEN}", *size_data(size)])
     model = build_model(cfg.model, PAPER_TOKENIZER_VOCAB).cuda()  # the paper configs' Llama 2 vocabulary
     for block in model.backbone.blocks:
         block.compile()
@@ -153,11 +153,11 @@ def bench_attention(size: str, rows: int, reps: int = 10) -> dict:
     """Forward + backward of one attention call at 4096: flex (BlockMask) vs SDPA (dense boolean mask)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from transfusion_mot.components.flops import PAPER_DATA
+    from transfusion_mot.components.flops import size_data
     from transfusion_mot.config import load_config
     from transfusion_mot.model.masks import flex_block_mask, mask_from_batch
 
-    cfg = load_config(None, [f"model.size={size}", f"data.seq_len={SEQ_LEN}", *PAPER_DATA])
+    cfg = load_config(None, [f"model.size={size}", f"data.seq_len={SEQ_LEN}", *size_data(size)])
     batch = paper_batch(cfg, rows)
     h, hd = cfg.model.n_heads, cfg.model.dim // cfg.model.n_heads
     q, k, v = (torch.randn(rows, h, SEQ_LEN, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)

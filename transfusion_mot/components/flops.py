@@ -41,6 +41,12 @@ PAPER_SEQ_LEN = 4096  # the MoT / Transfusion papers' training context
 PAPER_DATA = ("data.resolution=256", "codec.vae_latent_channels=8", "codec.vae_channels=[64,64,64,64]")
 
 
+def size_data(size: str) -> tuple[str, ...]:
+    """Overrides giving a named size the images of its configs, hence their latent shape: debug.yaml's
+    32 px and small_*.yaml's 64 px through the trained 4x VAE (4 x 8 x 8, 4 x 16 x 16), the papers' above."""
+    return {"debug": ("data.resolution=32",), "small": ("data.resolution=64",)}.get(size, PAPER_DATA)
+
+
 def active_matmul_params(cfg: ModelConfig) -> dict[str, float]:
     """Weights one token is multiplied by, per part: backbone, text head, image head (see module doc)."""
     d = cfg.dim
@@ -109,9 +115,9 @@ def size_config(size: str, arch: str) -> tuple[ModelConfig, int]:
     """The model config of a named size and arch, with a vocabulary (the bytes tokenizer's for debug and
     small, Llama 2's for the paper sizes, rounded as ``build_model`` rounds it), and the size's sequence length."""
     paper = size not in ("debug", "small")
-    overrides = [f"model.size={size}", f"model.arch={arch}"]
+    overrides = [f"model.size={size}", f"model.arch={arch}", *size_data(size)]
     if paper:
-        overrides += [f"data.seq_len={PAPER_SEQ_LEN}", *PAPER_DATA]
+        overrides.append(f"data.seq_len={PAPER_SEQ_LEN}")
     cfg = load_config(None, overrides)
     model = cfg.model
     if not model.vocab_size:
