@@ -9,7 +9,8 @@ import torch
 
 from transfusion_mot import from_pretrained, sample
 
-RUN_SAMPLING = {"steps": 3, "cfg_scale": 2.5, "seed": 7, "n_per_prompt": 2, "max_new_tokens": 1}
+RUN_SAMPLING = {"steps": 3, "cfg_scale": 2.5, "seed": 7, "n_per_prompt": 2, "max_new_tokens": 1, "temperature": 0.7,
+                "top_k": 5, "top_p": 0.9}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,14 @@ def test_cli_generate_defaults_to_the_runs_config(tuned_run, tmp_path):
     assert torch.equal(pil_to_tensor(PILImage.open(out / "0000_1.png").convert("RGB")), expected[1])
 
 
-def test_caption_defaults_to_the_runs_sample_settings(tuned_run):
+def test_caption_defaults_to_the_runs_sample_settings(tuned_run, monkeypatch):
     pipe = from_pretrained(tuned_run)
     images = pipe.generate(["a red circle", "two blue squares"], n=1)
     assert all(len(c) <= 1 for c in pipe.caption(images))  # sample.max_new_tokens=1 (bytes tokenizer)
-    assert any(len(c) > 1 for c in pipe.caption(images, max_new_tokens=8))  # the argument wins
+    seen = []
+    real = sample.caption_images
+    monkeypatch.setattr(sample, "caption_images", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    pipe.caption(images)
+    pipe.caption(images, temperature=0.0, max_new_tokens=8)  # arguments win
+    assert seen[0] == {"seed": 7, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "max_new_tokens": 1}
+    assert seen[1] == {**seen[0], "temperature": 0.0, "max_new_tokens": 8}

@@ -294,8 +294,8 @@ def codec_geometry(codec: CodecConfig) -> tuple[int, int] | None:
         from .data.taef2 import DOWNSAMPLE, LATENT_CHANNELS
 
         return LATENT_CHANNELS, DOWNSAMPLE
-    if codec.kind == "trained" and not codec.path:
-        return codec.vae_latent_channels, 2 ** (len(codec.vae_channels) - 1)
+    if not codec.path:  # trained: one will be trained with these knobs; diffusers: nothing to read
+        return (codec.vae_latent_channels, 2 ** (len(codec.vae_channels) - 1)) if codec.kind == "trained" else None
     folder = Path(codec.path).expanduser() / (codec.subfolder if codec.kind == "diffusers" else "")
     config = folder / "config.json"
     if not config.is_file():
