@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import common
 
+from transfusion_mot.components.flops import size_data
 from transfusion_mot.config import load_config
 from transfusion_mot.data.packing import IMAGE, Specials, pack
 from transfusion_mot.data.segments import Image, Text
@@ -115,7 +116,8 @@ def build(size: str, norm_placement: str) -> tuple[dict[str, nn.Module], object]
     """The three models of one size, and its config."""
     models = {}
     for arch in ("mot", "dense"):
-        cfg = load_config(None, [f"model.size={size}", f"model.arch={arch}", f"model.norm_placement={norm_placement}"])
+        cfg = load_config(None, [f"model.size={size}", f"model.arch={arch}", f"model.norm_placement={norm_placement}",
+                                 *size_data(size)])
         models[arch] = Backbone(backbone_config(cfg.model))
     m = cfg.model
     models["floor"] = Floor(m.dim, m.n_layers, m.n_heads, m.ffn_dim or ffn_hidden_dim(m.dim), m.rope_theta)

@@ -44,12 +44,13 @@ def sync_time() -> float:
 
 # ---------------------------------------------------------------- training throughput
 def build(size: str, arch: str):
+    from transfusion_mot.components.flops import PAPER_TOKENIZER_VOCAB, size_data
     from transfusion_mot.config import load_config
     from transfusion_mot.model import build_model
 
     cfg = load_config(None, [f"model.size={size}", f"model.arch={arch}", "model.attention=flex",
-                             f"data.seq_len={SEQ_LEN}"])
-    model = build_model(cfg.model).cuda()
+                             f"data.seq_len={SEQ_LEN}", *size_data(size)])
+    model = build_model(cfg.model, PAPER_TOKENIZER_VOCAB).cuda()  # the paper configs' Llama 2 vocabulary
     for block in model.backbone.blocks:
         block.compile()
     return model, cfg
@@ -57,6 +58,7 @@ def build(size: str, arch: str):
 
 def paper_batch(cfg, rows: int):
     """Rows of caption->image documents, half text and half image patches (256-patch latents)."""
+    from transfusion_mot.components.flops import PAPER_TOKENIZER_VOCAB  # every id Llama 2 + our specials emit
     from transfusion_mot.data.packing import Specials, pack
     from transfusion_mot.data.segments import Image, Text
 
@@ -64,7 +66,7 @@ def paper_batch(cfg, rows: int):
     n_patches = (m.latent_size // m.patch_size) ** 2
     doc_len = 2 * n_patches
     g = torch.Generator().manual_seed(0)
-    docs = [[Text(torch.randint(5, m.vocab_size, (n_patches - 4,), generator=g).tolist()),
+    docs = [[Text(torch.randint(5, PAPER_TOKENIZER_VOCAB, (n_patches - 4,), generator=g).tolist()),
              Image(torch.randn(m.latent_channels, m.latent_size, m.latent_size, generator=g))]
             for _ in range(rows * (SEQ_LEN // doc_len))]
     batch = pack(docs, SEQ_LEN, Specials(bos=1, eos=2, pad=0, boi=3, eoi=4), patch_size=m.patch_size, n_rows=rows)
@@ -151,10 +153,11 @@ def bench_attention(size: str, rows: int, reps: int = 10) -> dict:
     """Forward + backward of one attention call at 4096: flex (BlockMask) vs SDPA (dense boolean mask)."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    from transfusion_mot.components.flops import size_data
     from transfusion_mot.config import load_config
     from transfusion_mot.model.masks import flex_block_mask, mask_from_batch
 
-    cfg = load_config(None, [f"model.size={size}", f"data.seq_len={SEQ_LEN}"])
+    cfg = load_config(None, [f"model.size={size}", f"data.seq_len={SEQ_LEN}", *size_data(size)])
     batch = paper_batch(cfg, rows)
     h, hd = cfg.model.n_heads, cfg.model.dim // cfg.model.n_heads
     q, k, v = (torch.randn(rows, h, SEQ_LEN, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -182,19 +185,23 @@ def bench_attention(size: str, rows: int, reps: int = 10) -> dict:
 
 
 # ---------------------------------------------------------------- sampling
-def bench_sampling(size: str, batch_size: int, steps: int = 250) -> dict:
-    """Images/s of 250-step Euler sampling with CFG 4 and the prompt's KV cache reused every step."""
+def bench_sampling(size: str, batch_size: int, steps: int | None = None) -> dict:
+    """Images/s of Euler sampling at the default steps and CFG (``SampleConfig``: 250, 4) with the
+    prompt's KV cache reused every step."""
     try:
         from transfusion_mot.sample import generate_images
     except ImportError as err:
         return {"size": size, "error": f"transfusion_mot.sample.generate_images unavailable: {err}"}
+    from transfusion_mot.components.flops import PAPER_TOKENIZER_VOCAB
+    from transfusion_mot.config import SampleConfig
     from transfusion_mot.data.packing import Specials
 
     model, cfg = build(size, "mot")
     n_patches = (cfg.model.latent_size // cfg.model.patch_size) ** 2
-    prompts = [torch.randint(5, cfg.model.vocab_size, (32,)).tolist() for _ in range(batch_size)]
+    prompts = [torch.randint(5, PAPER_TOKENIZER_VOCAB, (32,)).tolist() for _ in range(batch_size)]
     specials = Specials(bos=1, eos=2, pad=0, boi=3, eoi=4)
-    kwargs = dict(steps=steps, cfg_scale=4.0, seed=0, batch_size=batch_size)
+    steps, cfg_scale = steps or SampleConfig.steps, SampleConfig.cfg_scale
+    kwargs = dict(steps=steps, cfg_scale=cfg_scale, seed=0, batch_size=batch_size)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         generate_images(model, prompts[:1], specials, **{**kwargs, "steps": 2})  # compile / warm up
         start = sync_time()
@@ -203,7 +210,7 @@ def bench_sampling(size: str, batch_size: int, steps: int = 250) -> dict:
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    return {"size": size, "arch": "mot", "steps": steps, "cfg_scale": 4.0, "batch_size": batch_size,
+    return {"size": size, "arch": "mot", "steps": steps, "cfg_scale": cfg_scale, "batch_size": batch_size,
             "latent_patches": n_patches, "prompt_tokens": 32, "images": int(images.shape[0]),
             "seconds": round(seconds, 2), "images_per_s": round(images.shape[0] / seconds, 3)}
 

@@ -13,7 +13,7 @@ import time
 import torch
 from common import md_table, median_time, write_results
 
-from transfusion_mot.config import load_config
+from transfusion_mot.config import SampleConfig, load_config
 from transfusion_mot.data.packing import IMAGE, Batch, Specials
 from transfusion_mot.model import build_model
 from transfusion_mot.sample import sample_latents
@@ -52,8 +52,8 @@ def run(latent_size: int, images: int, steps: int, reps: int) -> list[dict]:
                 noise = torch.randn(images, cfg.model.latent_channels, latent_size, latent_size)
 
                 def go():
-                    sample_latents(model, prompts, SPECIALS, noise, steps=steps, cfg_scale=4.0 if guided else 1.0,
-                                   use_cache=cached)
+                    scale = SampleConfig.cfg_scale if guided else 1.0
+                    sample_latents(model, prompts, SPECIALS, noise, steps=steps, cfg_scale=scale, use_cache=cached)
                 t0 = time.perf_counter()
                 seconds = median_time(go, reps=reps, warmup=0) if steps <= 50 else _once(go, t0)
                 per_step = seconds / steps
@@ -72,7 +72,7 @@ def _once(fn, t0) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--steps", type=int, default=SampleConfig.steps)
     p.add_argument("--images", type=int, default=4, help="images per batch")
     p.add_argument("--reps", type=int, default=3, help="repetitions when steps <= 50")
     p.add_argument("--out", default=None)

@@ -21,7 +21,7 @@ def main(argv=None) -> None:
     p.add_argument("--coco-json", required=True)
     p.add_argument("--image-dir", default=None, help="default: the json's folder")
     p.add_argument("--n", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=None, help="default: the run's sample.temperature")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)

@@ -10,7 +10,8 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import add_generation_args, generate_missing, md_table, read_prompts, write_results
+from common import (add_generation_args, generate_missing, md_table, read_prompts, run_sampling_defaults,
+                    write_results)
 from PIL import Image as PILImage
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -32,8 +33,9 @@ def main(argv=None) -> None:
 
     prompts = read_prompts(args.prompts, args.n)
     out = Path(args.out)
-    paths = generate_missing(from_pretrained(args.ckpt), prompts, out / "images", args.steps, args.cfg, args.seed,
-                             args.batch_size)
+    pipe = from_pretrained(args.ckpt)
+    run_sampling_defaults(args, pipe)
+    paths = generate_missing(pipe, prompts, out / "images", args.steps, args.cfg, args.seed, args.batch_size)
     images = torch.stack([pil_to_tensor(PILImage.open(p).convert("RGB")) for p in paths])
     value = clip_score(images, prompts, args.clip)
     result = {"metric": "CLIPScore", "value": value, "clip": args.clip, "n": len(prompts), "steps": args.steps,

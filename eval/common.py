@@ -148,13 +148,19 @@ def generate_missing(pipe, prompts: list[str], out_dir: Path, steps: int, cfg_sc
     return paths
 
 
+def run_sampling_defaults(args, pipe) -> None:
+    """``--steps / --cfg / --seed`` left unset take the run's own ``sample.*`` (recorded as used)."""
+    a = pipe.sampling(steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
+    args.steps, args.cfg, args.seed = a["steps"], a["cfg_scale"], a["seed"]
+
+
 def add_generation_args(p) -> None:
     p.add_argument("--ckpt", required=True, help="run directory (or its model/ folder)")
     p.add_argument("--prompts", required=True, help=".txt / .csv (COCO-30K) / .tsv (Parti) / .jsonl (GenEval)")
     p.add_argument("--n", type=int, default=None, help="first N prompts (default all)")
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--cfg", type=float, default=4.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="default: the run's sample.steps")
+    p.add_argument("--cfg", type=float, default=None, help="default: the run's sample.cfg_scale")
+    p.add_argument("--seed", type=int, default=None, help="default: the run's sample.seed")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True, help="folder for images/, results.json and results.md")
 

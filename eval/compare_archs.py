@@ -337,6 +337,13 @@ def table_rows(runs: list[Run]) -> list[dict]:
             for r in runs]
 
 
+MOE_NOTE = ("MoE-4x trains with expert choice within each document, its capacity counted over real tokens "
+            "(one expert FFN per real token on average). Within a document expert choice is not causal: whether "
+            "an expert takes a token depends on the document's later tokens, so its training text loss can read "
+            "a little of the future through the routing. Its validation losses and samples use the causal "
+            "per-token router (a predictor trained alongside to imitate expert choice), which reads no future.")
+
+
 def markdown(runs: dict[str, list[Run]], heads: dict[str, dict], skipped: dict[str, str]) -> str:
     lines = ["# MoT vs dense vs MoE-4x at equal FLOPs per token (small scale)", "", "{header}",
              "Same shape, data, seed and steps per setting; `dense_large` has twice the layers (the MoT's "
@@ -344,7 +351,7 @@ def markdown(runs: dict[str, list[Run]], heads: dict[str, dict], skipped: dict[s
              "data with a fixed t grid and fixed noise. Training FLOPs = FLOPs/token (6 per active weight + "
              "attention, `components/flops.py`) x tokens seen (examples x estimated tokens per example). "
              "Wall-clock and CPU time (all threads; a busy machine inflates the first, not the second) "
-             "include the runs' periodic validation and final sampling.", "",
+             "include the runs' periodic validation and final sampling.", "", MOE_NOTE, "",
              f"![curves]({NAME}.png)", ""]
     for setting, note in skipped.items():
         lines += [f"**{setting}: skipped** ({note})", ""]

@@ -14,7 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from common import add_generation_args, generate_missing, md_table, read_prompts, write_results
+from common import (add_generation_args, generate_missing, md_table, read_prompts, run_sampling_defaults,
+                    write_results)
 
 from transfusion_mot.metrics import MissingWeights
 
@@ -46,6 +47,7 @@ def main(argv=None) -> None:
     prompts = read_prompts(args.prompts, args.n)
     out = Path(args.out)
     pipe = from_pretrained(args.ckpt)
+    run_sampling_defaults(args, pipe)
     paths = generate_missing(pipe, prompts, out / "images", args.steps, args.cfg, args.seed, args.batch_size)
     if args.features:
         score = compute_fd(paths, args.ref_dir, extractor)

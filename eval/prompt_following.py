@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import generate_missing, read_prompts, write_results
+from common import generate_missing, read_prompts, run_sampling_defaults, write_results
 from PIL import Image as PILImage
 from torchvision.transforms.functional import to_tensor
 
@@ -22,9 +22,9 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--prompts", default=None, help="default: shapes held-out test prompts")
     p.add_argument("--n", type=int, default=64)
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--cfg", type=float, default=4.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="default: the run's sample.steps")
+    p.add_argument("--cfg", type=float, default=None, help="default: the run's sample.cfg_scale")
+    p.add_argument("--seed", type=int, default=None, help="default: the run's sample.seed")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -32,6 +32,7 @@ def main(argv=None) -> None:
     from transfusion_mot.data import shapes
 
     pipe = from_pretrained(args.ckpt)
+    run_sampling_defaults(args, pipe)
     max_shapes = pipe.cfg.data.shapes_max_shapes
     prompts = (read_prompts(args.prompts, args.n) if args.prompts
                else shapes.held_out_prompts(args.n, split="test", max_shapes=max_shapes))

@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .config import SCHEDULERS
+
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -70,13 +72,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .pretrained import from_pretrained
 
     prompts = _read_prompts(args)
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise SystemExit(f"error: --steps {args.steps} must be >= 1")
-    if args.cfg < 0:
+    if args.cfg is not None and args.cfg < 0:
         raise SystemExit(f"error: --cfg {args.cfg} must be >= 0")
+    if args.n is not None and args.n < 1:
+        raise SystemExit(f"error: --n {args.n} must be >= 1")
+    if args.shift is not None and not args.shift > 0:
+        raise SystemExit(f"error: --shift {args.shift} must be > 0")
     pipe = from_pretrained(args.ckpt)  # a missing or incompatible checkpoint stops here, before the output dir
     out = _check_out_dir(args.out)
-    paths = pipe.generate_to_dir(prompts, out, steps=args.steps, cfg_scale=args.cfg, seed=args.seed, n=args.n)
+    paths = pipe.generate_to_dir(prompts, out, steps=args.steps, cfg_scale=args.cfg, seed=args.seed, n=args.n,
+                                 scheduler=args.scheduler, shift=args.shift)  # None: the run's own config
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
 
 
@@ -87,7 +94,9 @@ def cmd_caption(args: argparse.Namespace) -> None:
     if missing:
         raise SystemExit(f"error: image not found: {missing[0]}")
     pipe = from_pretrained(args.ckpt)
-    for path, text in zip(args.images, pipe.caption_files(args.images, seed=args.seed, temperature=args.temperature)):
+    texts = pipe.caption_files(args.images, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, max_new_tokens=args.max_new_tokens)  # None: the run's sample.*
+    for path, text in zip(args.images, texts):
         print(f"{path}\t{text}")
 
 
@@ -126,17 +135,22 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--ckpt", required=True, help="run directory (or its model/ folder)")
     s.add_argument("--prompt", action="append", help="repeat for several prompts")
     s.add_argument("--prompts-file", default=None, help="one prompt per line")
-    s.add_argument("--steps", type=int, default=250)
-    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--n", type=int, default=4, help="images per prompt")
+    s.add_argument("--steps", type=int, default=None, help="Euler steps (default: the run's sample.steps)")
+    s.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: sample.cfg_scale)")
+    s.add_argument("--scheduler", default=None, choices=SCHEDULERS, help="time grid (default: sample.scheduler)")
+    s.add_argument("--shift", type=float, default=None, help="time shift of the grid (default: the run's flow.shift)")
+    s.add_argument("--seed", type=int, default=None, help="default: sample.seed")
+    s.add_argument("--n", type=int, default=None, help="images per prompt (default: sample.n_per_prompt)")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("caption", help="captions for images")
     s.add_argument("--ckpt", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--seed", type=int, default=None, help="default: the run's sample.seed")
+    s.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: sample.temperature)")
+    s.add_argument("--top-k", type=int, default=None, help="default: sample.top_k")
+    s.add_argument("--top-p", type=float, default=None, help="default: sample.top_p")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="default: sample.max_new_tokens")
     s.add_argument("images", nargs="+")
     s.set_defaults(fn=cmd_caption)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -32,9 +34,9 @@ class ModelConfig:
     norm_placement: str = "post"  # "post" as in MoT Algorithm 1 | "pre"
     qk_norm: bool = False
     rope_theta: float = 10000.0
-    vocab_size: int = 0  # 0: the tokenizer's vocabulary (with the BOI/EOI/pad specials)
-    latent_channels: int = 4
-    latent_size: int = 16  # latent height = width; must equal data.resolution / codec downsampling
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary (with the BOI/EOI/pad specials), rounded up to 64
+    latent_channels: int = 0  # 0: the codec's (codec_geometry); set, it must agree with the codec's
+    latent_size: int = 0  # latent height = width; 0: data.resolution / the codec's downsampling
     patch_size: int = 2
     moe_experts: int = 4  # used when arch == "moe"
     moe_routing: str = "expert_choice"  # "expert_choice" (MoT paper) | "token_choice" (top-1 + aux loss)
@@ -58,6 +60,7 @@ class FlowConfig:
 class CodecConfig:
     kind: str = "trained"  # "trained" (our small AutoencoderKL) | "diffusers" | "taef2"
     path: str = ""  # diffusers: hub id or folder; trained: folder ("" = train one into the cache)
+    subfolder: str = ""  # diffusers: the VAE's folder inside codec.path (e.g. "vae" of a pipeline repo)
     encoder_path: str = ""  # taef2
     decoder_path: str = ""  # taef2
     scaling_factor: float | None = None  # None: from the VAE's config / measured at training
@@ -127,15 +130,23 @@ class TrainConfig:
     stop_after: int = 0  # end this invocation at this step (saved; resume later); the schedule spans `steps`
 
 
+# Sampling schedulers whose sigma grid is all that matters: Euler steps on the model's velocity. Other
+# diffusers flow-matching schedulers need their own step() (Heun: a second model call per step; LCM:
+# re-noising), which sampling does not drive, so they are refused instead of silently run as Euler.
+SCHEDULERS = ("euler", "FlowMatchEulerDiscreteScheduler")
+
+
 @dataclass
 class SampleConfig:
+    """The one home of the sampling defaults: generation, captioning and the CLI read a run's values."""
+
     steps: int = 250  # Euler steps from t=1 to t=0 (MoT paper)
-    scheduler: str = "euler"  # "euler" | a diffusers flow-matching scheduler name
+    scheduler: str = "euler"  # one of SCHEDULERS ("euler": uniform grid, shifted by flow.shift)
     cfg_scale: float = 4.0
     seed: int = 0
     n_per_prompt: int = 1
-    temperature: float = 1.0
-    top_k: int = 0
+    temperature: float = 0.0  # text decoding and captioning; 0 = greedy
+    top_k: int = 0  # 0 = off
     top_p: float = 1.0
     max_new_tokens: int = 64
 
@@ -243,8 +254,10 @@ def _deep_update(base: dict, new: dict) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, check: bool = True) -> Config:
-    """Defaults < YAML < overrides; a named ``model.size`` supplies model defaults under both."""
-    from .model.sizes import SIZES
+    """Defaults < YAML < overrides; a named ``model.size`` supplies model defaults under both. The latent
+    shape comes from ``data.resolution`` and the codec where the config says enough (``codec_geometry``);
+    a size's latent shape is used only where it does not."""
+    from .model.sizes import LATENT_KEYS, SIZES
 
     tree: dict = {}
     if path:
@@ -257,15 +270,55 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     _deep_update(tree, parse_overrides(overrides or []))
     model = tree.get("model") or {}
     size = model.get("size", "") if isinstance(model, dict) else ""
+    fallback: dict = {}
     if size:
         if size not in SIZES:
             close = difflib.get_close_matches(str(size), list(SIZES), n=1)
             raise ConfigError(f"model.size={size!r} is not a named size ({', '.join(SIZES)})"
                               + (f"; did you mean {close[0]!r}?" if close else ""))
-        tree["model"] = {**SIZES[size], **model}
+        defaults = dict(SIZES[size])
+        fallback = {k: defaults.pop(k) for k in LATENT_KEYS if k in defaults}
+        tree["model"] = {**defaults, **model}
     cfg = _merge(Config(), tree, "")
+    derive_latent_shape(cfg, fallback)
     if check:
         validate(cfg)
+    return cfg
+
+
+def codec_geometry(codec: CodecConfig) -> tuple[int, int] | None:
+    """(latent channels, downsampling factor) of the configured codec, when the config alone tells
+    (no weights loaded): a trained VAE from its shape knobs (or its folder's config.json), TAEF2's fixed
+    32 x /8, a local diffusers folder's config.json. None for a hub id or a folder that is not there."""
+    if codec.kind == "taef2":
+        from .data.taef2 import DOWNSAMPLE, LATENT_CHANNELS
+
+        return LATENT_CHANNELS, DOWNSAMPLE
+    if not codec.path:  # trained: one will be trained with these knobs; diffusers: nothing to read
+        return (codec.vae_latent_channels, 2 ** (len(codec.vae_channels) - 1)) if codec.kind == "trained" else None
+    folder = Path(codec.path).expanduser() / (codec.subfolder if codec.kind == "diffusers" else "")
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        vae = json.loads(config.read_text())
+        return int(vae["latent_channels"]), 2 ** (len(vae["block_out_channels"]) - 1)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{config}: not an AutoencoderKL config (latent_channels, block_out_channels): {e}") from None
+
+
+def derive_latent_shape(cfg: Config, fallback: dict | None = None) -> Config:
+    """Fill ``model.latent_channels`` / ``model.latent_size`` left at 0 from the codec and
+    ``data.resolution``, else from ``fallback`` (a named size's). ``validate`` checks set values."""
+    m, geometry = cfg.model, codec_geometry(cfg.codec)
+    if geometry is not None:
+        channels, factor = geometry
+        m.latent_channels = m.latent_channels or channels
+        if not m.latent_size and cfg.data.resolution > 0 and cfg.data.resolution % factor == 0:
+            m.latent_size = cfg.data.resolution // factor
+    for key, value in (fallback or {}).items():
+        if not getattr(m, key):
+            setattr(m, key, value)
     return cfg
 
 
@@ -292,13 +345,12 @@ def validate(cfg: Config) -> Config:
     _choice("data.source", d.source, ("shapes", "imagefolder", "coco", "webdataset", "hf"))
     _choice("data.crop", d.crop, ("center", "random"))
     _choice("train.mixed_precision", t.mixed_precision, ("auto", "no", "bf16"))
-    positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
-                "model.latent_channels": m.latent_channels, "model.latent_size": m.latent_size,
-                "data.seq_len": d.seq_len, "data.batch_size": d.batch_size, "data.resolution": d.resolution,
-                "train.steps": t.steps, "train.grad_accum": t.grad_accum, "sample.steps": s.steps}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be >= 1")
+    if s.scheduler not in SCHEDULERS:
+        raise ConfigError(f"sample.scheduler={s.scheduler!r} is not one of {SCHEDULERS}: sampling takes only a "
+                          f"scheduler's sigma grid and integrates with Euler steps, so schedulers that need their "
+                          f"own step() (Heun, LCM, DDIM, ...) would run as something else")
+    _check_counters(cfg)
+    _check_latent_shape(cfg)
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
     if (m.dim // m.n_heads) % 2:
@@ -307,10 +359,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.patch_size={m.patch_size} must be 1, 2 or 4")
     if m.latent_size % m.patch_size:
         raise ConfigError(f"model.patch_size={m.patch_size} does not divide model.latent_size={m.latent_size}")
+    _check_codec_geometry(cfg)
     if m.n_modalities < 2:
         raise ConfigError(f"model.n_modalities={m.n_modalities}: text and image need at least 2")
     if m.arch == "moe" and m.moe_experts < 2:
         raise ConfigError(f"model.moe_experts={m.moe_experts} must be >= 2 for model.arch='moe'")
+    if m.arch == "moe" and not 0 < m.moe_capacity <= m.moe_experts:
+        raise ConfigError(f"model.moe_capacity={m.moe_capacity} must lie in (0, model.moe_experts={m.moe_experts}]")
     if f.loss_weight < 0:
         raise ConfigError(f"flow.loss_weight={f.loss_weight} must be >= 0 (lambda weighs the flow loss)")
     for key, value in (("codec.vae_latent_noise", cfg.codec.vae_latent_noise),
@@ -324,23 +379,95 @@ def validate(cfg: Config) -> Config:
     for key, value in (("data.caption_first", d.caption_first), ("data.caption_dropout", d.caption_dropout)):
         if not 0 <= value <= 1:
             raise ConfigError(f"{key}={value} must lie in [0, 1]")
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must lie in [0, 1)")
     n_patches = (m.latent_size // m.patch_size) ** 2
-    need = n_patches + 4 + 1  # BOS, BOI, patches, EOI, EOS and at least one caption token
+    need = 4 + d.max_caption_tokens + n_patches  # data/pipeline.py layout(): BOS, caption, BOI, patches, EOI, EOS
     if d.seq_len < need:
-        raise ConfigError(f"data.seq_len={d.seq_len} cannot hold one image of {n_patches} patches "
-                          f"plus its markers (needs >= {need}); raise data.seq_len or model.patch_size")
+        raise ConfigError(f"data.seq_len={d.seq_len} cannot hold one image of {n_patches} patches plus "
+                          f"data.max_caption_tokens={d.max_caption_tokens} caption tokens and 4 markers (needs >= "
+                          f"{need}); raise data.seq_len or model.patch_size, or lower data.max_caption_tokens")
     if o.lr <= 0 or o.final_lr < 0 or o.final_lr > o.lr:
         raise ConfigError(f"optim.lr={o.lr} must be > 0 and optim.final_lr={o.final_lr} in [0, lr]")
     if o.warmup_steps < 0 or o.clip < 0 or o.weight_decay < 0:
         raise ConfigError("optim.warmup_steps, optim.clip and optim.weight_decay must be >= 0")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must lie in [0, 1)")
-    if s.cfg_scale < 0:
-        raise ConfigError(f"sample.cfg_scale={s.cfg_scale} must be >= 0")
-    if s.temperature < 0 or not 0 < s.top_p <= 1 or s.top_k < 0:
+    if not 0 <= t.seed < 2 ** 32:
+        raise ConfigError(f"train.seed={t.seed} must lie in [0, 2**32) (numpy and torch seed with it)")
+    if not (math.isfinite(s.cfg_scale) and s.cfg_scale >= 0):
+        raise ConfigError(f"sample.cfg_scale={s.cfg_scale} must be a finite number >= 0")
+    if not (math.isfinite(s.temperature) and s.temperature >= 0) or not 0 < s.top_p <= 1 or s.top_k < 0:
         raise ConfigError(f"sample.temperature={s.temperature} >= 0, sample.top_p={s.top_p} in (0, 1], "
                           f"sample.top_k={s.top_k} >= 0 required")
     return cfg
+
+
+def _check_counters(cfg: Config) -> None:
+    """Counts, sizes and periods: each one line, before any work (a log_every of 0 used to divide by zero)."""
+    m, d, c, t, s, e = cfg.model, cfg.data, cfg.codec, cfg.train, cfg.sample, cfg.eval
+    at_least_one = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+                    "data.seq_len": d.seq_len, "data.batch_size": d.batch_size, "data.resolution": d.resolution,
+                    "data.max_caption_tokens": d.max_caption_tokens, "data.shapes_train_size": d.shapes_train_size,
+                    "data.shapes_val_size": d.shapes_val_size, "codec.vae_steps": c.vae_steps,
+                    "codec.vae_latent_channels": c.vae_latent_channels, "train.steps": t.steps,
+                    "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
+                    "train.max_bad_steps": t.max_bad_steps, "sample.steps": s.steps,
+                    "sample.n_per_prompt": s.n_per_prompt, "sample.max_new_tokens": s.max_new_tokens,
+                    "eval.n_prompts": e.n_prompts, "eval.batch_size": e.batch_size,
+                    "eval.val_examples": e.val_examples, "eval.val_t_grid": e.val_t_grid}
+    for key, value in at_least_one.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    zero_is_off = {"train.eval_every": t.eval_every, "train.sample_every": t.sample_every,
+                   "train.save_every": t.save_every, "train.keep_checkpoints": t.keep_checkpoints,
+                   "train.stop_after": t.stop_after, "data.num_workers": d.num_workers,
+                   "eval.sample_steps": e.sample_steps, "model.ffn_dim": m.ffn_dim}
+    for key, value in zero_is_off.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if not 1 <= d.shapes_max_shapes <= 4:
+        raise ConfigError(f"data.shapes_max_shapes={d.shapes_max_shapes} must lie in 1..4")
+    if not c.vae_channels or min(c.vae_channels) < 1:
+        raise ConfigError(f"codec.vae_channels={list(c.vae_channels)} must list one or more widths >= 1")
+
+
+def _codec_words(codec: CodecConfig) -> str:
+    where = f"codec.path={codec.path!r}" + (f", codec.subfolder={codec.subfolder!r}" if codec.subfolder else "")
+    return f"codec.kind={codec.kind}" + (f", {where}" if codec.path else "")
+
+
+def _check_latent_shape(cfg: Config) -> None:
+    """A latent shape left at 0 that the codec could not supply (``derive_latent_shape``)."""
+    m = cfg.model
+    for key, value in (("model.latent_channels", m.latent_channels), ("model.latent_size", m.latent_size)):
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 1 (or 0: from the codec)")
+        if value == 0:
+            geometry = codec_geometry(cfg.codec)
+            if geometry is not None and cfg.data.resolution % geometry[1]:
+                _check_codec_geometry(cfg)  # the resolution is what is wrong: say so
+            raise ConfigError(f"{key}=0 (from the codec) but the config does not tell the codec's latent shape "
+                              f"({_codec_words(cfg.codec)}: not a local folder with a config.json); set "
+                              f"model.latent_channels and model.latent_size")
+
+
+def _check_codec_geometry(cfg: Config) -> None:
+    """Set latent values must be what the codec gives at data.resolution (checked again once it is loaded)."""
+    geometry = codec_geometry(cfg.codec)
+    if geometry is None:
+        return
+    channels, factor = geometry
+    m, res, codec = cfg.model, cfg.data.resolution, _codec_words(cfg.codec)
+    if res % factor:
+        raise ConfigError(f"data.resolution={res} is not divisible by the codec's downsampling factor {factor} "
+                          f"({codec}); use a multiple of {factor}")
+    if m.latent_channels != channels:
+        raise ConfigError(f"model.latent_channels={m.latent_channels} but the codec gives {channels} ({codec}); "
+                          f"leave it at 0 to take the codec's")
+    if m.latent_size != res // factor:
+        raise ConfigError(f"model.latent_size={m.latent_size} but data.resolution={res} / the codec's factor "
+                          f"{factor} = {res // factor} ({codec}); leave it at 0 to derive it")
 
 
 def replace(cfg: Config, **sections: dict) -> Config:

@@ -80,8 +80,10 @@ class Evaluator:
             ids = [self.tokenizer.encode(p)[: self.cfg.data.max_caption_tokens] for p in prompts]
             steps = self.cfg.eval.sample_steps or self.cfg.sample.steps
             t0 = time.time()
-            latents = generate_images(model, ids, self.specials, steps=steps, cfg_scale=self.cfg.sample.cfg_scale,
-                                      seed=self.cfg.sample.seed, batch_size=self.cfg.eval.batch_size)
+            s = self.cfg.sample
+            latents = generate_images(model, ids, self.specials, steps=steps, cfg_scale=s.cfg_scale, seed=s.seed,
+                                      batch_size=self.cfg.eval.batch_size, scheduler=s.scheduler,
+                                      shift=self.cfg.flow.shift)
             images = self.codec.decode(latents.to(next(self.codec.parameters()).device)).float().cpu()
             seconds = time.time() - t0
             scores = None
@@ -151,7 +153,8 @@ def write_report(cfg: Config, results: dict, run_dir: Path) -> str:
 
 - Model: {cfg.model.arch}, dim {cfg.model.dim}, {cfg.model.n_layers} layers, {cfg.model.n_heads} heads,
   latents {cfg.model.latent_channels}x{cfg.model.latent_size}x{cfg.model.latent_size}, patch {cfg.model.patch_size}.
-- Sampling: {results.get('sample_steps')} Euler steps, CFG {cfg.sample.cfg_scale}, seed {cfg.sample.seed}.
+- Sampling: {results.get('sample_steps')} Euler steps ({cfg.sample.scheduler} grid, shift {cfg.flow.shift}),
+  CFG {cfg.sample.cfg_scale}, seed {cfg.sample.seed}.
 - Prompt-following is the shapes checker's mean score over {results.get('n_prompts')} held-out test prompts
   (colour, shape, count, size and relation facts read back from the pixels); chance is the score of
   real shapes images against unrelated prompts; the ceiling is the score of the real held-out images

@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import FlowConfig
+from . import rng
+from .config import FlowConfig, SampleConfig
 from .data.packing import IGNORE, Batch
 
 
@@ -23,12 +25,16 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
 
 
-def sample_t(n: int, cfg: FlowConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(n,) training times in (0, 1): uniform or logit-normal, then shifted."""
-    if cfg.t_sampling == "logit_normal":
-        t = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=generator))
+def sample_t(n: int, cfg: FlowConfig, generator: torch.Generator | np.random.Generator | None = None) -> torch.Tensor:
+    """(n,) training times in (0, 1): uniform or logit-normal, then shifted. ``generator``: a torch
+    generator or a numpy one (a stream of ``rng.py``)."""
+    logit_normal = cfg.t_sampling == "logit_normal"
+    if isinstance(generator, np.random.Generator):
+        draw = generator.standard_normal(n) if logit_normal else generator.random(n)
+        u = torch.from_numpy(draw.astype(np.float32))
     else:
-        t = torch.rand(n, generator=generator)
+        u = torch.randn(n, generator=generator) if logit_normal else torch.rand(n, generator=generator)
+    t = torch.sigmoid(cfg.logit_mean + cfg.logit_std * u) if logit_normal else u
     return shift_time(t, cfg.shift)
 
 
@@ -43,21 +49,19 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def draw_t_and_noise(batch: Batch, cfg: FlowConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """t (N,) and noise (N, C, h, w), each image's drawn from its own generator seeded by
-    ``(seed, batch.image_seed[i])``, so the same data gets the same noise on any rank, any batch
-    layout and after a resume. Images that condition text (captioning) get t scaled into
-    [0, cfg.caption_t_max], as Transfusion caps noise when an image is context for its caption."""
-    ts, noises = [], []
+    """t (N,) and noise (N, C, h, w). Image i's t and its noise come from two streams of their own,
+    keyed by ``(seed, batch.image_seed[i])`` (``rng.py``): the same data gets the same noise on any
+    rank, any batch layout and after a resume, and neither depends on the data's own coins (caption
+    order, dropout). Images that condition text (captioning) get t scaled into [0, cfg.caption_t_max],
+    as Transfusion caps noise when an image is context for its caption."""
     shape = batch.latents.shape[1:]
-    for s in batch.image_seed.tolist():
-        g = torch.Generator().manual_seed((seed * 1_000_003 + s) % (2 ** 63))
-        ts.append(sample_t(1, cfg, g))
-        noises.append(torch.randn(shape, generator=g))
-    if not ts:
+    keys = batch.image_seed.tolist()
+    if not keys:
         return torch.zeros(0), torch.zeros(0, *shape)
-    t = torch.cat(ts)
+    t = torch.cat([sample_t(1, cfg, rng.stream(seed, k, purpose="flow_t")) for k in keys])
+    noise = torch.stack([rng.normal(shape, seed, k, purpose="flow_noise") for k in keys])
     t = torch.where(batch.conditions_text.cpu(), t * cfg.caption_t_max, t)
-    return t, torch.stack(noises)
+    return t, noise
 
 
 @dataclass
@@ -115,7 +119,7 @@ def time_grid(steps: int, shift: float = 1.0) -> list[float]:
 
 @torch.no_grad()
 def euler_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
-                 steps: int = 250, shift: float = 1.0, grid: list[float] | None = None,
+                 steps: int = SampleConfig.steps, shift: float = 1.0, grid: list[float] | None = None,
                  progress: bool = False) -> torch.Tensor:
     """Integrate dx/dt = v(x, t) from t = 1 (``noise``) to t = 0. ``velocity(x, t)`` gets t as (N,);
     ``grid`` (decreasing t values from 1 to 0) replaces the uniform, shifted one."""

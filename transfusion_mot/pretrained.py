@@ -32,26 +32,33 @@ class Pipeline:
                 raise ValueError(f"prompt {i} is empty")
         return [truncate_prompt(self.tokenizer.encode(p), self.cfg.data.max_caption_tokens) for p in prompts]
 
+    def sampling(self, **given) -> dict:
+        """The given sampling arguments, each None replaced by the run's own value: ``sample.*`` of its
+        config (``n`` is sample.n_per_prompt) and ``flow.shift`` for ``shift``."""
+        s = self.cfg.sample
+        run = {**{k: getattr(s, k) for k in vars(s)}, "n": s.n_per_prompt, "shift": self.cfg.flow.shift}
+        return {k: run[k] if v is None else v for k, v in given.items()}
+
     @torch.no_grad()
     def generate(self, prompts: list[str], steps: int | None = None, cfg_scale: float | None = None,
-                 seed: int = 0, n: int = 1, batch_size: int = 16, progress: bool = False,
-                 first_index: int = 0) -> torch.Tensor:
+                 seed: int | None = None, n: int | None = None, batch_size: int = 16, progress: bool = False,
+                 first_index: int = 0, scheduler: str | None = None, shift: float | None = None) -> torch.Tensor:
         """Images (len(prompts) * n, 3, H, W) in [0, 1], prompt-major order (``first_index``: see
-        ``sample.generate_images``)."""
+        ``sample.generate_images``). Arguments left None take the run's config (``sampling``)."""
         from .sample import generate_images
 
-        s = self.cfg.sample
-        latents = generate_images(self.model, self.encode_prompts(prompts), self.specials,
-                                  steps=steps or s.steps, cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
-                                  seed=seed, n_per_prompt=n, batch_size=batch_size, progress=progress,
-                                  scheduler=s.scheduler, first_index=first_index)
+        a = self.sampling(steps=steps, cfg_scale=cfg_scale, seed=seed, n=n, scheduler=scheduler, shift=shift)
+        latents = generate_images(self.model, self.encode_prompts(prompts), self.specials, steps=a["steps"],
+                                  cfg_scale=a["cfg_scale"], seed=a["seed"], n_per_prompt=a["n"],
+                                  batch_size=batch_size, progress=progress, scheduler=a["scheduler"],
+                                  shift=a["shift"], first_index=first_index)
         return self.codec.decode(latents).float().clamp(0, 1)
 
     def generate_to_dir(self, prompts: list[str], out: str | Path, **kw) -> list[Path]:
         """PNG per image plus ``grid.png`` with the prompts under the images."""
         from .components.tracking import save_grid, save_png
 
-        n = kw.get("n", 1)
+        n = self.sampling(n=kw.get("n"))["n"]
         images = self.generate(prompts, progress=True, **kw)
         out = Path(out)
         paths = [save_png(img, out / f"{i // n:04d}_{i % n}.png") for i, img in enumerate(images)]
@@ -60,14 +67,15 @@ class Pipeline:
         return paths
 
     @torch.no_grad()
-    def caption(self, images: torch.Tensor, seed: int = 0, temperature: float = 0.0,
-                max_new_tokens: int | None = None) -> list[str]:
-        """Captions for (N, 3, H, W) images in [0, 1] at the model's resolution."""
+    def caption(self, images: torch.Tensor, seed: int | None = None, temperature: float | None = None,
+                top_k: int | None = None, top_p: float | None = None, max_new_tokens: int | None = None) -> list[str]:
+        """Captions for (N, 3, H, W) images in [0, 1] at the model's resolution; arguments left None take
+        the run's ``sample.*`` (greedy unless its sample.temperature says otherwise)."""
         from .sample import caption_images
 
         latents = self.codec.encode(images)
-        ids = caption_images(self.model, latents, self.specials, seed=seed, temperature=temperature,
-                             max_new_tokens=max_new_tokens or self.cfg.data.max_caption_tokens)
+        a = self.sampling(seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
+        ids = caption_images(self.model, latents, self.specials, **a)
         return [self.tokenizer.decode(x) for x in ids]
 
     def caption_files(self, paths: list[str], **kw) -> list[str]:
@@ -95,6 +103,8 @@ def from_pretrained(run_dir: str | Path, device: str | torch.device = "cpu") -> 
     model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
     cfg, state = load_exported(model_dir)
     tokenizer = prepare_tokenizer(cfg)
+    if not cfg.model.vocab_size and "tok_emb.weight" in state:  # the rows it was trained with (any rounding)
+        cfg.model.vocab_size = int(state["tok_emb.weight"].shape[0])
     model = build_model(cfg.model, tokenizer.vocab_size)
     try:
         model.load_state_dict(state)

@@ -4,7 +4,8 @@ interleaved text and images, and captioning (DESIGN §3).
 Every sequence here is one document laid out exactly as in training (``data/packing.py``): a prompt is
 ``BOS, ids..., BOI`` and the image's patches follow it; captioning context is ``BOS, BOI, patches, EOI``.
 Rows of different prompt lengths are left-padded with padding tokens (doc id -1), which the
-Transfusion mask isolates, so a row's result does not depend on what else is in the batch.
+Transfusion mask isolates, so a row's result does not depend on what else is in the batch (for MoE-4x
+too: sampling runs in eval mode, where every token is routed by itself, ``MoEFeedForward``).
 
 The prompt is the same at every flow step, and image patches never attend to anything after them, so
 the prompt's keys/values are computed once (``Context.feed``) and each step runs only the image tokens
@@ -18,6 +19,8 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from . import rng
+from .config import SCHEDULERS, SampleConfig
 from .data.packing import IMAGE, TEXT, Batch, Specials
 from .data.segments import Image, Text
 from .flow import cfg_velocity, euler_sample, time_grid
@@ -133,30 +136,32 @@ def _check_args(steps: int, cfg_scale: float) -> None:
         raise ValueError(f"cfg_scale={cfg_scale} must be >= 0 (1 = no guidance, 0 = unconditional)")
 
 
-def time_steps(steps: int, scheduler: str = "euler", shift: float = 1.0) -> list[float]:
+def time_steps(steps: int, scheduler: str = SampleConfig.scheduler, shift: float = 1.0) -> list[float]:
     """Decreasing t values from 1 to 0. ``scheduler`` other than "euler" takes the sigmas of that
-    diffusers flow-matching scheduler (same convention: sigma = t)."""
+    diffusers flow-matching scheduler (same convention: sigma = t); only schedulers whose grid is all
+    that matters are accepted (``config.SCHEDULERS``), since sampling takes Euler steps on that grid."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"sample.scheduler={scheduler!r} is not one of {SCHEDULERS}: sampling takes only a "
+                         f"scheduler's sigma grid and integrates with Euler steps")
     if scheduler == "euler":
         return time_grid(steps, shift)
     import diffusers
 
-    cls = getattr(diffusers, scheduler, None)
-    if cls is None or "FlowMatch" not in scheduler:
-        raise ValueError(f"sample.scheduler={scheduler!r}: use 'euler' or a diffusers FlowMatch* scheduler name")
-    sched = cls(num_train_timesteps=1000, shift=shift)
+    sched = getattr(diffusers, scheduler)(num_train_timesteps=1000, shift=shift)
     sched.set_timesteps(steps)
     sigmas = sched.sigmas.tolist()
     return sigmas if sigmas[-1] == 0.0 else sigmas + [0.0]
 
 
-def _initial_noise(shape, seeds: list[int], device) -> torch.Tensor:
-    """One generator per image: an image's noise depends on its seed only, not on the batch."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+def _initial_noise(shape, seed: int, keys: list[int], device) -> torch.Tensor:
+    """One stream per image (``rng.py``): an image's noise depends on (seed, its key) only, not on the batch."""
+    return torch.stack([rng.normal(shape, seed, k, purpose="sample_noise") for k in keys]).to(device)
 
 
 @torch.no_grad()
-def sample_latents(model, ctx_ids: list[list[int]], specials: Specials, noise: torch.Tensor, steps: int = 250,
-                   cfg_scale: float = 4.0, scheduler: str = "euler", shift: float = 1.0,
+def sample_latents(model, ctx_ids: list[list[int]], specials: Specials, noise: torch.Tensor,
+                   steps: int = SampleConfig.steps, cfg_scale: float = SampleConfig.cfg_scale,
+                   scheduler: str = SampleConfig.scheduler, shift: float = 1.0,
                    use_cache: bool = True, progress: bool = False) -> torch.Tensor:
     """Latents for rows whose context is ``BOS, ctx_ids[r], BOI``; ``noise`` (rows, C, h, w) at t=1.
 
@@ -210,12 +215,14 @@ def _uncached_velocity(model, prefixes: list[list[int]], x: torch.Tensor, t: tor
 
 
 @torch.no_grad()
-def generate_images(model, prompt_ids: list[list[int]], specials: Specials, steps: int = 250, cfg_scale: float = 4.0,
-                    seed: int = 0, n_per_prompt: int = 1, batch_size: int = 16, scheduler: str = "euler",
-                    shift: float = 1.0, use_cache: bool = True, progress: bool = False,
+def generate_images(model, prompt_ids: list[list[int]], specials: Specials, steps: int = SampleConfig.steps,
+                    cfg_scale: float = SampleConfig.cfg_scale, seed: int = SampleConfig.seed,
+                    n_per_prompt: int = SampleConfig.n_per_prompt, batch_size: int = 16,
+                    scheduler: str = SampleConfig.scheduler, shift: float = 1.0, use_cache: bool = True,
+                    progress: bool = False,
                     first_index: int = 0) -> torch.Tensor:
-    """Latents (len(prompts) * n_per_prompt, C, h, w), prompt-major. Image k's noise is seeded by
-    ``seed * 1_000_003 + first_index + k``: the same seed gives the same images whatever the batch size,
+    """Latents (len(prompts) * n_per_prompt, C, h, w), prompt-major. Image k's noise is the stream
+    ``(seed, first_index + k)`` of ``rng.py``: the same seed gives the same images whatever the batch size,
     and a long job can be generated in pieces (``first_index``) with the same result."""
     _check_args(steps, cfg_scale)
     if not prompt_ids:
@@ -232,8 +239,7 @@ def generate_images(model, prompt_ids: list[list[int]], specials: Specials, step
     bar = tqdm(total=len(jobs), desc="images", disable=not progress)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        seeds = [seed * 1_000_003 + first_index + start + k for k in range(len(chunk))]
-        noise = _initial_noise(shape, seeds, device)
+        noise = _initial_noise(shape, seed, [first_index + start + k for k in range(len(chunk))], device)
         ids = [prompt_ids[i] for i, _ in chunk]
         out.append(sample_latents(model, ids, specials, noise, steps, cfg_scale, scheduler, shift, use_cache))
         bar.update(len(chunk))
@@ -275,9 +281,10 @@ def _decode(ctx: Context, logits: torch.Tensor, specials: Specials, max_new_toke
     stops = {specials.eos} | ({specials.boi} if stop_at_boi else set())
     for step in range(max_new_tokens):
         ban = list(banned) + ([specials.eos] if step < min_new_tokens else [])
-        if ban:
+        if ban or 0 < specials.vocab < logits.shape[-1]:
             logits = logits.clone()
             logits[:, ban] = float("-inf")
+            logits[:, specials.vocab or logits.shape[-1]:] = float("-inf")  # the head's rows past the tokenizer
         tok = pick_token(logits, temperature, top_k, top_p, generator)
         for r in range(rows):
             if not done[r]:
@@ -290,8 +297,9 @@ def _decode(ctx: Context, logits: torch.Tensor, specials: Specials, max_new_toke
 
 
 @torch.no_grad()
-def generate_text(model, prompt_ids: list[list[int]], specials: Specials, max_new_tokens: int = 64,
-                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+def generate_text(model, prompt_ids: list[list[int]], specials: Specials,
+                  max_new_tokens: int = SampleConfig.max_new_tokens, temperature: float = SampleConfig.temperature,
+                  top_k: int = SampleConfig.top_k, top_p: float = SampleConfig.top_p, seed: int = SampleConfig.seed,
                   min_new_tokens: int = 0) -> list[list[int]]:
     """Continue ``BOS, prompt`` for each row with a KV cache; stops at EOS (kept) or max_new_tokens.
     Image markers are banned here: use ``generate_interleaved`` for text that may contain images."""
@@ -299,14 +307,15 @@ def generate_text(model, prompt_ids: list[list[int]], specials: Specials, max_ne
     model.eval()
     ctx = Context(model, len(prompt_ids), device)
     logits = ctx.feed_text([[specials.bos, *x] for x in prompt_ids], specials.pad)
-    gen = torch.Generator().manual_seed(seed)
+    gen = rng.torch_generator(seed, purpose="decode")
     return _decode(ctx, logits, specials, max_new_tokens, temperature, top_k, top_p, gen,
                    banned=(specials.boi, specials.eoi, specials.pad, specials.bos), min_new_tokens=min_new_tokens)
 
 
 @torch.no_grad()
-def caption_images(model, latents: torch.Tensor, specials: Specials, max_new_tokens: int = 64,
-                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+def caption_images(model, latents: torch.Tensor, specials: Specials, max_new_tokens: int = SampleConfig.max_new_tokens,
+                   temperature: float = SampleConfig.temperature, top_k: int = SampleConfig.top_k,
+                   top_p: float = SampleConfig.top_p, seed: int = SampleConfig.seed) -> list[list[int]]:
     """Captions for clean latents (N, C, h, w): context ``BOS, BOI, patches (t=0), EOI``, then text.
     Returned ids stop before EOS."""
     device = next(model.parameters()).device
@@ -314,16 +323,19 @@ def caption_images(model, latents: torch.Tensor, specials: Specials, max_new_tok
     ctx = Context(model, latents.shape[0], device)
     ctx.feed_text([[specials.bos, specials.boi]] * latents.shape[0], specials.pad)
     logits = ctx.feed_image(latents.to(device), specials.eoi, specials.pad)
-    gen = torch.Generator().manual_seed(seed)
+    gen = rng.torch_generator(seed, purpose="decode")
     ids = _decode(ctx, logits, specials, max_new_tokens, temperature, top_k, top_p, gen,
                   banned=(specials.boi, specials.eoi, specials.pad, specials.bos))
     return [x[:-1] if x and x[-1] == specials.eos else x for x in ids]
 
 
 @torch.no_grad()
-def generate_interleaved(model, prompt_ids: list[int], specials: Specials, max_new_tokens: int = 64,
-                         max_images: int = 2, steps: int = 250, cfg_scale: float = 4.0, temperature: float = 0.0,
-                         top_k: int = 0, top_p: float = 1.0, seed: int = 0, min_new_tokens: int = 0) -> list:
+def generate_interleaved(model, prompt_ids: list[int], specials: Specials,
+                         max_new_tokens: int = SampleConfig.max_new_tokens, max_images: int = 2,
+                         steps: int = SampleConfig.steps, cfg_scale: float = SampleConfig.cfg_scale,
+                         temperature: float = SampleConfig.temperature, top_k: int = SampleConfig.top_k,
+                         top_p: float = SampleConfig.top_p, seed: int = SampleConfig.seed, min_new_tokens: int = 0,
+                         scheduler: str = SampleConfig.scheduler, shift: float = 1.0) -> list:
     """One document: text until the model emits BOI, then an image by flow (conditioned on everything
     so far; CFG against the unconditional ``BOS, BOI``), its clean latents appended, then text again.
     A prompt ending in BOI starts with an image. Returns segments ``[Text, Image, Text, ...]``."""
@@ -332,7 +344,7 @@ def generate_interleaved(model, prompt_ids: list[int], specials: Specials, max_n
     model.eval()
     cfg = model.cfg
     shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-    gen = torch.Generator().manual_seed(seed)
+    gen = rng.torch_generator(seed, purpose="decode")
     starts_with_image = bool(prompt_ids) and prompt_ids[-1] == specials.boi
     text = list(prompt_ids[:-1] if starts_with_image else prompt_ids)
     ctx = Context(model, 1, device)
@@ -343,7 +355,8 @@ def generate_interleaved(model, prompt_ids: list[int], specials: Specials, max_n
         if pending_image:
             if text:
                 segments.append(Text(text))
-            latent = _image_in_context(ctx, specials, shape, steps, cfg_scale, seed * 1_000_003 + n_images, device)
+            grid = time_steps(steps, scheduler, shift)
+            latent = _image_in_context(ctx, specials, shape, grid, cfg_scale, seed, n_images, device)
             segments.append(Image(latent[0].cpu()))
             n_images += 1
             logits = ctx.feed_image(latent, specials.eoi, specials.pad)
@@ -366,7 +379,8 @@ def generate_interleaved(model, prompt_ids: list[int], specials: Specials, max_n
     return segments
 
 
-def _image_in_context(ctx: Context, specials: Specials, shape, steps: int, cfg_scale: float, seed: int, device):
+def _image_in_context(ctx: Context, specials: Specials, shape, grid: list[float], cfg_scale: float, seed: int,
+                      index: int, device):
     """Flow-sample one image whose context is ``ctx`` (ending in BOI), with CFG via a second,
     unconditional context ``BOS, BOI``."""
     uncond = None
@@ -378,7 +392,7 @@ def _image_in_context(ctx: Context, specials: Specials, shape, steps: int, cfg_s
         v = ctx.image_velocity(x, t, specials.pad).float()
         return v if uncond is None else cfg_velocity(v, uncond.image_velocity(x, t, specials.pad).float(), cfg_scale)
 
-    return euler_sample(velocity, _initial_noise(shape, [seed], device), steps)
+    return euler_sample(velocity, _initial_noise(shape, seed, [index], device), len(grid) - 1, grid=grid)
 
 
 def truncate_prompt(ids: list[int], limit: int) -> list[int]:

@@ -27,7 +27,7 @@ from .components.tracking import MetricsLog, plot_losses
 from .config import Config, load_config
 from .data.packing import IGNORE, Specials
 from .data.pipeline import BatchStream, ExampleSource, build_records
-from .model import build_model, untie_from_dense
+from .model import build_model, model_vocab_size, untie_from_dense
 
 
 class Stop(Exception):
@@ -93,8 +93,11 @@ def train_step(model, batches: list, cfg: Config, accelerator: Accelerator, seed
         ctx = accelerator.no_sync(model) if not last else _nullcontext()
         with ctx, accelerator.autocast():
             parts = flow.loss_parts(model, batch, cfg.flow, seed)
-            loss = parts.total(cfg.flow.loss_weight, cfg.model.moe_aux_weight / len(batches), lm_denom, flow_denom)
-            accelerator.backward(loss * world)  # DDP averages over ranks; our sums already are global
+            loss = parts.total(cfg.flow.loss_weight, 0.0, lm_denom, flow_denom)
+            # DDP averages gradients over ranks: the LM / flow sums are over the global counts, so they are
+            # scaled back up by world; the MoE aux loss is each rank's own mean, so DDP's average is its weight.
+            aux = parts.aux * (cfg.model.moe_aux_weight / len(batches))
+            accelerator.backward(loss * world + aux)
         totals += torch.stack([parts.lm_sum.detach() / lm_denom, parts.flow_sum.detach() / flow_denom,
                                parts.aux.detach() / len(batches)])
     totals = accelerator.reduce(totals, reduction="sum")
@@ -121,9 +124,11 @@ def train(cfg: Config, evaluate_at_end: bool = True) -> Path:
 
     # --- build ---
     tokenizer = prepare_tokenizer(cfg)
+    model_vocab_size(cfg.model, tokenizer.vocab_size)  # a model.vocab_size too small for it stops here
     specials = Specials.of(tokenizer)
     records = build_records(cfg.data, "train")
     codec, encode = prepare_codec(cfg, run_dir, accelerator, records)
+    set_seed(cfg.train.seed)  # the initial weights must not depend on whether a VAE was just trained
     model, opt, sched = setup_model(cfg, tokenizer.vocab_size, accelerator)
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     model, opt, sched = accelerator.prepare(model, opt, sched)

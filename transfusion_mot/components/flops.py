@@ -7,8 +7,9 @@ token meets, backward twice the forward, so training = 3x forward = 6 per weight
 * Backbone matmuls: the **active** non-embedding weight matrices of every layer, i.e. the ones a
   single token is multiplied by. MoT: one modality group's QKV, output projection and SwiGLU (the
   other groups' weights exist but this token never meets them, so MoT FLOPs == dense FLOPs).
-  MoE-4x: the router plus ``capacity`` experts on average under expert choice (each expert takes
-  ``capacity * N / E`` of the N tokens), exactly one expert under token choice.
+  MoE-4x: the router plus ``capacity`` experts on average under expert choice (a document's n real
+  tokens fill round(capacity * n) expert slots) and the causal router's predictor, exactly one expert
+  under token choice.
 * Attention scores and values: ``QK^T`` and ``AV`` over the **full** T x T square, 4·D·T per layer
   forward (PaLM's 12·L·H·Q·T for training). This is what SDPA computes with a boolean mask; flex
   attention skips masked blocks, so it does less work than is counted here (as in the papers).
@@ -27,12 +28,23 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from ..config import ModelConfig, load_config
+from ..model import padded_vocab
 from ..model.layers import ffn_hidden_dim
 from ..model.sizes import SIZES
 
 TIMESTEP_FREQ_DIM = 256  # TimestepEmbedding's sinusoid width (model/layers.py)
 BYTE_VOCAB = 256 + 5  # the "bytes" tokenizer: 256 byte ids + BOS, EOS, pad, BOI, EOI
+PAPER_TOKENIZER_VOCAB = 32000 + 3  # Llama 2's sentencepiece ids + the pad, BOI and EOI data/tokenizer.py appends
 PAPER_SEQ_LEN = 4096  # the MoT / Transfusion papers' training context
+# The papers' image setting: 256 px through an 8-channel 8x VAE (said here with our trained VAE's shape
+# knobs: four blocks, three 2x downsamplings), so a paper size's latent is 8 x 32 x 32: 256 patches of 2 x 2.
+PAPER_DATA = ("data.resolution=256", "codec.vae_latent_channels=8", "codec.vae_channels=[64,64,64,64]")
+
+
+def size_data(size: str) -> tuple[str, ...]:
+    """Overrides giving a named size the images of its configs, hence their latent shape: debug.yaml's
+    32 px and small_*.yaml's 64 px through the trained 4x VAE (4 x 8 x 8, 4 x 16 x 16), the papers' above."""
+    return {"debug": ("data.resolution=32",), "small": ("data.resolution=64",)}.get(size, PAPER_DATA)
 
 
 def active_matmul_params(cfg: ModelConfig) -> dict[str, float]:
@@ -41,8 +53,10 @@ def active_matmul_params(cfg: ModelConfig) -> dict[str, float]:
     hidden = cfg.ffn_dim or ffn_hidden_dim(d)
     ffn = 3 * d * hidden  # SwiGLU: w1 and w3 (fused, D x 2H) and w2 (H x D)
     if cfg.arch == "moe":
-        experts = cfg.moe_capacity if cfg.moe_routing == "expert_choice" else 1.0
-        ffn = d * cfg.moe_experts + experts * ffn  # router + the experts a token visits on average
+        expert_choice = cfg.moe_routing == "expert_choice"
+        experts = cfg.moe_capacity if expert_choice else 1.0
+        routers = 2 if expert_choice else 1  # expert choice: the router and its causal predictor
+        ffn = routers * d * cfg.moe_experts + experts * ffn  # + the experts a token visits on average
     backbone = cfg.n_layers * (4 * d * d + ffn)  # QKV (D x 3D) + output (D x D) + feed-forward
     patch_dim = cfg.latent_channels * cfg.patch_size ** 2
     n_patches = (cfg.latent_size // cfg.patch_size) ** 2
@@ -98,15 +112,16 @@ def measured_flops(model: torch.nn.Module, batch, backward: bool = False) -> int
 
 
 def size_config(size: str, arch: str) -> tuple[ModelConfig, int]:
-    """The model config of a named size and arch, with a vocabulary, and the size's sequence length."""
+    """The model config of a named size and arch, with a vocabulary (the bytes tokenizer's for debug and
+    small, Llama 2's for the paper sizes, rounded as ``build_model`` rounds it), and the size's sequence length."""
     paper = size not in ("debug", "small")
-    overrides = [f"model.size={size}", f"model.arch={arch}"]
+    overrides = [f"model.size={size}", f"model.arch={arch}", *size_data(size)]
     if paper:
         overrides.append(f"data.seq_len={PAPER_SEQ_LEN}")
     cfg = load_config(None, overrides)
     model = cfg.model
     if not model.vocab_size:
-        model = dataclasses.replace(model, vocab_size=BYTE_VOCAB)
+        model = dataclasses.replace(model, vocab_size=padded_vocab(PAPER_TOKENIZER_VOCAB if paper else BYTE_VOCAB))
     return model, cfg.data.seq_len
 
 

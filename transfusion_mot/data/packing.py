@@ -3,7 +3,8 @@
 A document is laid out as ``BOS, seg_1, ..., seg_k, EOS`` where a text segment contributes its ids and
 an image segment ``BOI, p_1 ... p_n, EOI`` (n = patches of its latent). Documents are packed greedily
 into rows of ``seq_len``; RoPE positions restart in every document and the mask keeps documents
-apart, so where a document lands never changes its outputs (tested).
+apart, so where a document lands never changes its outputs (tested; MoE-4x's expert choice routes
+within each document, so it holds there too).
 
 Text targets: position i predicts token i+1 when both are text of the same document. So the LM learns
 to emit BOI (start an image) and, after EOI, to continue the text; it never predicts patches, and EOI
@@ -28,10 +29,12 @@ class Specials:
     pad: int
     boi: int
     eoi: int
+    vocab: int = 0  # the tokenizer's ids are 0..vocab-1; sampling never emits the LM head's padding rows above
 
     @classmethod
     def of(cls, tokenizer) -> "Specials":
-        return cls(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.boi_id, tokenizer.eoi_id)
+        return cls(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.boi_id, tokenizer.eoi_id,
+                   tokenizer.vocab_size)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Determinism is the design: the example at global position ``p`` (its record, caption choice,
 caption-first or image-first order, caption dropout, crop, and its image's t and noise via
-``image_seed = p``) depends only on ``(seed, p)``. Batch ``g`` on rank ``r`` of ``W`` takes positions
+``image_seed = p``) depends only on ``(seed, p)``, and each of those draws reads its own stream
+(``rng.py``), so none is a function of another. Batch ``g`` on rank ``r`` of ``W`` takes positions
 ``[(g W + r) E, (g W + r + 1) E)``. So resuming at batch g replays exactly, and W ranks see the same
 examples as one process with W times the batch (tested to 1e-5).
 """
@@ -16,8 +17,10 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .. import rng
 from ..config import Config, DataConfig
 from .packing import Batch, Specials, pack
 from .sources import SkipStats
@@ -112,6 +115,7 @@ class ExampleSource(torch.utils.data.Dataset):
         self.transform = ImageTransform(cfg.data.resolution, crop=cfg.data.crop)
         self.skips = SkipStats()  # found while indexing the source (e.g. a listed file that is missing)
         self.skips.merge(getattr(records, "skips", None) or SkipStats())
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation of the records)
 
     def __len__(self) -> int:
         return 2 ** 62  # an endless stream; the trainer stops it
@@ -124,27 +128,28 @@ class ExampleSource(torch.utils.data.Dataset):
         """Position -> record index: a fresh permutation of the records every epoch."""
         n = len(self.records)
         epoch, i = divmod(p, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-        return int(perm[i])
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, rng.stream(self.seed, epoch, purpose="order").permutation(n))
+        return int(self._order[1][i])
 
     def prepare(self, p: int, skips: SkipStats, record: Record | None = None) -> Prepared | None:
         from .sources import BadRecord
 
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + p)
         if record is None:
             try:
                 record = self.records[self.record_index(p)]
             except BadRecord as bad:  # unreadable image, empty caption: counted, never fatal
                 skips.add(bad.reason, bad.key)
                 return None
-        pixels = self.transform(record.image, generator=g)
+        crop = rng.torch_generator(self.seed, p, purpose="crop") if self.data.crop == "random" else None
+        pixels = self.transform(record.image, generator=crop)
         if pixels is None:
             skips.add("too_small", record.key)
             return None
-        caption = record.captions[int(torch.randint(len(record.captions), (1,), generator=g))]
+        caption = record.captions[int(rng.stream(self.seed, p, purpose="caption").integers(len(record.captions)))]
         ids = self.tokenizer.encode(caption)[: self.data.max_caption_tokens]
-        caption_first = bool(torch.rand(1, generator=g) < self.data.caption_first)
-        if caption_first and torch.rand(1, generator=g) < self.data.caption_dropout:
+        caption_first = bool(rng.stream(self.seed, p, purpose="caption_first").random() < self.data.caption_first)
+        if caption_first and rng.stream(self.seed, p, purpose="dropout").random() < self.data.caption_dropout:
             ids = []
         return Prepared(p, record.key, pixels, ids, caption_first)
 
@@ -246,27 +251,28 @@ def vae_key(cfg: Config, records) -> str:
         parts.append(c.vae_latent_noise)
     if c.vae_chroma_weight:
         parts.append({"chroma_weight": c.vae_chroma_weight})
+    parts.append({"images": "rng"})  # records drawn from their own stream (rng.py), not by a fixed stride
     spec = json.dumps(parts)
     return "vae-" + hashlib.sha1(spec.encode()).hexdigest()[:12]
 
 
 def _vae_images(records, resolution: int, batch_size: int = 16, seed: int = 0):
-    """``images(step)`` for VAE training: centre-cropped pixels of records, skipping bad ones."""
+    """``images(step)`` for VAE training: centre-cropped pixels of records drawn at random (the step's
+    own stream), skipping bad ones."""
     from .sources import BadRecord, ImageTransform
 
     tf = ImageTransform(resolution, crop="center")
     n = len(records)
 
     def images(step: int) -> torch.Tensor:
-        out, i = [], step * batch_size
+        out, draw = [], rng.stream(seed, step, purpose="vae_images")
         while len(out) < batch_size:
             try:
-                px = tf(records[(i * 7919 + seed) % n].image)
+                px = tf(records[int(draw.integers(n))].image)
             except BadRecord:
                 px = None
             if px is not None:
                 out.append(px)
-            i += 1
         return torch.stack(out)
 
     return images

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .. import rng
 from ..data.packing import IGNORE, Specials, pack
 from ..data.segments import Image, Text
 from ..flow import add_noise, diffusion_val_grid, velocity_target
@@ -43,8 +44,7 @@ class ValResult:
 
 
 def _fixed_noise(pairs: list[Pair], seed: int) -> list[torch.Tensor]:
-    return [torch.randn(p.latent.shape, generator=torch.Generator().manual_seed(seed * 100_003 + i))
-            for i, p in enumerate(pairs)]
+    return [rng.normal(p.latent.shape, seed, i, purpose="val_noise") for i, p in enumerate(pairs)]
 
 
 def _seq_len(pairs: list[Pair], patch_size: int) -> int:
@@ -56,7 +56,8 @@ def _seq_len(pairs: list[Pair], patch_size: int) -> int:
 @torch.no_grad()
 def validation_losses(model, pairs: list[Pair], specials: Specials, grid: int = 8, seed: int = 1234,
                       batch_size: int = 16, text: bool = True) -> ValResult:
-    """All validation numbers on ``pairs``. One document per row, so batch size changes nothing."""
+    """All validation numbers on ``pairs``. One document per row, and the model in eval mode (MoE-4x routes
+    each token by itself there), so the batch size changes nothing."""
     if not pairs:
         raise ValueError("validation needs at least one held-out pair")
     was_training = model.training

@@ -1,6 +1,8 @@
 """Mixture-of-Transformers backbone (MoT paper, Algorithm 1): per-modality QKV / output projection /
 feed-forward / norms, global self-attention. Dense is the same code with one group; MoE-4x swaps the
-feed-forward for expert-choice experts. Pure single-device PyTorch.
+feed-forward for expert-choice experts (routed within each document in training, by a causal per-token
+router in eval mode and cached decoding: ``MoEFeedForward`` says what stays non-causal). Pure
+single-device PyTorch.
 
 Norm placement ``post`` (the paper's Algorithm 1):  H = X + Norm_attn(O(attn(QKV(X))));  Y = H + Norm_ffn(FFN(H))
 Norm placement ``pre`` (Llama style):               H = X + O(attn(QKV(Norm_attn(X)))); Y = H + FFN(Norm_ffn(H))
@@ -30,7 +32,7 @@ class BackboneConfig:
     rope_theta: float = 10000.0
     moe_experts: int = 0  # >0: MoE feed-forward with this many experts (the MoE-4x baseline)
     moe_routing: str = "expert_choice"  # "expert_choice" | "token_choice" (top-1 + load-balancing loss)
-    moe_capacity: float = 1.0  # expert-choice capacity factor: each expert takes capacity * N / E tokens
+    moe_capacity: float = 1.0  # expert-choice capacity factor: a document of n tokens fills capacity * n expert slots
 
     @property
     def head_dim(self) -> int:
@@ -108,42 +110,85 @@ class Sublayer(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """E SwiGLU experts of the dense FFN's shape. Expert choice (MoT paper's MoE-4x baseline): each
-    expert takes its top ``capacity * N / E`` tokens, so FLOPs per token match dense on average.
-    Token choice: top-1 expert per token with the Switch load-balancing loss in ``self.aux_loss``."""
+    """E SwiGLU experts of the dense FFN's shape: the MoT paper's MoE-4x baseline.
+
+    Expert choice (training): within each document of n real tokens, expert e takes the k_e tokens it
+    gives the highest router probability, the k_e summing to round(capacity * n), so a real token meets
+    ``capacity`` expert FFNs on average (dense FLOPs at 1.0); padding is never counted or chosen. Nothing
+    crosses a document, so other documents, rows, batch sizes and the number of processes change no
+    result. What remains non-causal: within a document, whether an expert takes a token depends on the
+    document's later tokens, so a training step's text loss can read a little of the future through the
+    routing (expert choice's known leak; the paper's baseline trains this way).
+
+    Causal router (eval mode: generation, captioning, validation, every cached path): a linear predictor
+    per expert, trained beside the router on its detached input to predict by binary cross-entropy
+    whether expert choice takes the token (Mixture-of-Depths' auxiliary predictor), runs expert e on a
+    token iff its logit is > 0, gated by the router's probability as in training. Every token is routed
+    by itself, so a cached decode computes what the full forward computes. Its loss is ``aux_loss`` in
+    training (weighted by model.moe_aux_weight; the detached input means it trains the predictor alone).
+
+    Token choice: the top-1 expert of each real token (causal everywhere), with the Switch
+    load-balancing loss in ``aux_loss``.
+    """
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         self.router = nn.Linear(cfg.dim, cfg.moe_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(cfg.dim, cfg.hidden) for _ in range(cfg.moe_experts))
         self.routing, self.capacity = cfg.moe_routing, cfg.moe_capacity
+        expert_choice = cfg.moe_routing == "expert_choice"
+        self.predictor = nn.Linear(cfg.dim, cfg.moe_experts, bias=False) if expert_choice else None
         self.aux_loss = torch.zeros(())
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """x (..., D); ``segments`` (N,) document of each of the N tokens, -1 on padding (None: one
+        document); ``causal``: route every token by itself (eval mode, cached decoding)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
-        probs = self.router(x).float().softmax(dim=-1)  # (N, E)
-        if valid is not None:  # padding is never chosen and never counted
-            probs = probs * valid.reshape(-1, 1)
-        out = torch.zeros_like(x)
         n_exp = len(self.experts)
-        if self.routing == "expert_choice":
-            k = max(1, min(x.shape[0], int(self.capacity * x.shape[0] / n_exp)))
-            gate, idx = probs.topk(k, dim=0)  # (k, E) per expert its tokens
-            for e, expert in enumerate(self.experts):
-                y = expert(x[idx[:, e]]) * gate[:, e, None].to(x.dtype)
-                out = out.index_add(0, idx[:, e], y)
-            self.aux_loss = x.new_zeros(())
+        segments = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if segments is None else segments
+        valid = segments >= 0  # (N,)
+        probs = self.router(x).float().softmax(dim=-1)  # (N, E)
+        aux = x.new_zeros((), dtype=torch.float32)
+        if self.routing == "token_choice":
+            choice = probs.argmax(dim=-1)  # (N,)
+            chosen = F.one_hot(choice, n_exp).bool() & valid[:, None]
+            n_valid = valid.sum().clamp(min=1)
+            frac = chosen.sum(0).float() / n_valid  # share of real tokens per expert
+            aux = n_exp * (frac * (probs * valid[:, None]).sum(0) / n_valid).sum()
+        elif causal:
+            chosen = (self.predictor(x) > 0) & valid[:, None]  # (N, E)
         else:
-            gate, choice = probs.max(dim=-1)  # (N,)
-            for e, expert in enumerate(self.experts):
-                sel = (choice == e).nonzero().squeeze(1)
-                out = out.index_add(0, sel, expert(x[sel]) * gate[sel, None].to(x.dtype))
-            keep = choice if valid is None else choice[valid.reshape(-1)]
-            n_valid = max(keep.numel(), 1)
-            frac = torch.bincount(keep, minlength=n_exp).float() / n_valid  # share of tokens per expert
-            self.aux_loss = n_exp * (frac * probs.sum(0) / n_valid).sum()
+            chosen = expert_choice(probs.detach(), segments, self.capacity)  # (N, E)
+            if self.training and bool(valid.any()):
+                logits = self.predictor(x.detach()).float()
+                aux = F.binary_cross_entropy_with_logits(logits[valid], chosen[valid].float())
+        gate = probs.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            idx = chosen[:, e].nonzero().squeeze(1)
+            out = out.index_add(0, idx, expert(x[idx]) * gate[idx, e, None])
+        self.aux_loss = aux
         return out.reshape(shape)
+
+
+def expert_choice(probs: torch.Tensor, segments: torch.Tensor, capacity: float) -> torch.Tensor:
+    """(N, E) bool: within each segment of n tokens, expert e takes its k_e most probable tokens, with
+    sum_e k_e = round(capacity * n) and the k_e within one of each other. Segment -1 (padding) gets none."""
+    n, n_exp = probs.shape
+    pad = int(segments.max().clamp(min=-1)) + 1  # padding becomes the last segment, sorted after the others
+    seg = torch.where(segments >= 0, segments, pad)  # (N,)
+    counts = torch.bincount(seg, minlength=pad + 1)  # (S,) tokens per segment
+    slots = torch.round(capacity * counts.double()).long()
+    slots[pad] = 0
+    experts = torch.arange(n_exp, device=probs.device)
+    k = (slots[:, None] + n_exp - 1 - experts) // n_exp  # (S, E) tokens expert e takes from each segment
+    key = seg.double()[:, None] * 2 + (1 - probs.double())  # (N, E) by segment, then by falling probability
+    order = key.argsort(dim=0, stable=True)  # (N, E)
+    sorted_seg = seg[order]  # (N, E)
+    rank = torch.arange(n, device=probs.device)[:, None] - (counts.cumsum(0) - counts)[sorted_seg]
+    taken = rank < k[sorted_seg, experts]  # (N, E) in sorted order
+    return torch.zeros_like(taken).scatter(0, order, taken)
 
 
 class Block(nn.Module):
@@ -161,7 +206,7 @@ class Block(nn.Module):
             self.ffn = PerModality(lambda: Sublayer(SwiGLU(cfg.dim, cfg.hidden), cfg, norm_input=True), g)
 
     def forward(self, xs: list[torch.Tensor], routing: Routing, rope, mask, cache: KVCache | None = None,
-                valid=None) -> list[torch.Tensor]:
+                segments: torch.Tensor | None = None) -> list[torch.Tensor]:
         """xs: the residual stream, one (N_g, D) tensor per group -> the same. Attention runs in the (B, T) layout."""
         b, t = routing.shape
         d = self.dim
@@ -174,7 +219,8 @@ class Block(nn.Module):
         hs = [x + o for x, o in zip(xs, self.out(routing.split(a)))]
         if isinstance(self.ffn, PerModality):
             return [h + f for h, f in zip(hs, self.ffn(hs))]
-        return [hs[0] + self.ffn(hs[0], valid)]  # MoE: one group
+        causal = cache is not None or not self.training  # MoE: the per-token router (MoEFeedForward)
+        return [hs[0] + self.ffn(hs[0], segments, causal)]  # MoE: one group
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
@@ -197,24 +243,38 @@ class Backbone(nn.Module):
         self.norm = PerModality(lambda: RMSNorm(cfg.dim), cfg.n_groups)
         self.checkpointing = False  # activation checkpointing per block (set by the trainer)
 
-    def forward(self, x, modality, position, mask, cache: KVCache | None = None, valid=None) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D). Between the layers the residual stream is one tensor per group."""
+    def forward(self, x, modality, position, mask, cache: KVCache | None = None,
+                doc_id: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). Between the layers the residual stream is one tensor per group.
+        ``doc_id`` (B, T), -1 on padding (None: each row one document), is read by MoE routing only."""
         b, t, d = x.shape
         routing = Routing.from_modality(modality, self.cfg.n_groups)  # once per batch, for every layer
         rope = self.rotary(position)
         if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:  # SDPA would convert it in every layer
             mask = additive_mask(mask, x.dtype)
         xs = routing.split(x.reshape(b * t, d))
-        if valid is not None:  # only the MoE feed-forward reads it, and MoE has one group
-            valid = valid.reshape(-1)
+        segments = document_segments(doc_id, (b, t), x.device) if self.cfg.moe_experts else None
         for block in self.blocks:
             if self.checkpointing and self.training and cache is None:
-                xs = torch.utils.checkpoint.checkpoint(block, xs, routing, rope, mask, None, valid, use_reentrant=False)
+                xs = torch.utils.checkpoint.checkpoint(block, xs, routing, rope, mask, None, segments,
+                                                       use_reentrant=False)
             else:
-                xs = block(xs, routing, rope, mask, cache, valid)
+                xs = block(xs, routing, rope, mask, cache, segments)
         return routing.merge(self.norm(xs)).reshape(b, t, d)
 
     def aux_loss(self) -> torch.Tensor:
-        """Sum of the MoE load-balancing losses of the last forward (0 for dense / MoT / expert choice)."""
+        """Sum of the MoE auxiliary losses of the last forward: token choice's load balancing, expert
+        choice's router predictor (0 for dense / MoT, and in eval mode)."""
         losses = [b.ffn.f.aux_loss for b in self.blocks if isinstance(b.ffn, Sublayer)]
         return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+def document_segments(doc_id: torch.Tensor | None, shape: tuple[int, int], device) -> torch.Tensor:
+    """(N,) one id per (row, document) of the flattened (B, T) tokens, -1 on padding: what MoE expert
+    choice routes within. Rows count apart, so rows that reuse document ids (sampling) stay apart."""
+    b, t = shape
+    if doc_id is None:
+        return torch.arange(b, device=device).repeat_interleave(t)
+    width = int(doc_id.max().clamp(min=0)) + 1
+    rows = torch.arange(b, device=doc_id.device)[:, None]
+    return torch.where(doc_id >= 0, rows * width + doc_id, -1).reshape(-1)

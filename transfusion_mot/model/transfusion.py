@@ -22,7 +22,7 @@ class Outputs:
     text_index: torch.Tensor  # (N_text,) indices into the flattened (B*T) sequence
     velocity: torch.Tensor  # (N_img, C, h, w) predicted noise - x0
     hidden: torch.Tensor  # (B, T, D) final hidden states (after the per-modality norm)
-    aux_loss: torch.Tensor  # () MoE load-balancing loss (0 unless token-choice MoE)
+    aux_loss: torch.Tensor  # () MoE auxiliary loss (0 unless MoE in training: mot.MoEFeedForward)
 
 
 def backbone_config(cfg: ModelConfig) -> BackboneConfig:
@@ -97,7 +97,7 @@ class Transfusion(nn.Module):
         """``batch.latents`` are the (noised) model inputs at times ``batch.t``."""
         x = self.embed(batch)
         mask = self.attention_mask(batch) if mask is None else mask
-        h = self.backbone(x, batch.modality, batch.position, mask, cache=cache, valid=batch.doc_id >= 0)
+        h = self.backbone(x, batch.modality, batch.position, mask, cache=cache, doc_id=batch.doc_id)
         return self.heads(h, batch)
 
     # -- bookkeeping --
