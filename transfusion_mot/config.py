@@ -58,6 +58,7 @@ class FlowConfig:
 class CodecConfig:
     kind: str = "trained"  # "trained" (our small AutoencoderKL) | "diffusers" | "taef2"
     path: str = ""  # diffusers: hub id or folder; trained: folder ("" = train one into the cache)
+    subfolder: str = ""  # diffusers: the VAE's folder inside a pipeline folder / hub repo, e.g. "vae"
     encoder_path: str = ""  # taef2
     decoder_path: str = ""  # taef2
     scaling_factor: float | None = None  # None: from the VAE's config / measured at training
@@ -72,7 +73,7 @@ class CodecConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # "shapes" | "imagefolder" | "coco" | "webdataset" | "hf"
+    source: str = "shapes"  # "shapes" | "imagefolder" | "coco" | "webdataset" | "hf" | "latents" (`encode` output)
     path: str = ""  # folder / shard pattern / dataset path (unused for shapes)
     captions: str = ""  # coco json or captions file, where the source needs one
     image_column: str = "image"  # hf datasets
@@ -90,6 +91,7 @@ class DataConfig:
     shapes_max_shapes: int = 4  # shapes per image, 1..4
     shapes_textured: bool = True  # textured as well as plain backgrounds
     num_workers: int = 0
+    stream_lanes: int = 64  # shards are read in min(this, shards) lanes; a multiple of processes x workers
     cache_latents: bool = True
     val_path: str = ""  # held-out data for validation loss ("" = hold out val_fraction of the source)
     val_fraction: float = 0.05  # the last records of a real source (no val_path) are held out, never trained on
@@ -289,12 +291,13 @@ def validate(cfg: Config) -> Config:
     _choice("model.attention", m.attention, ("auto", "sdpa", "flex"))
     _choice("flow.t_sampling", f.t_sampling, ("uniform", "logit_normal"))
     _choice("codec.kind", cfg.codec.kind, ("trained", "diffusers", "taef2"))
-    _choice("data.source", d.source, ("shapes", "imagefolder", "coco", "webdataset", "hf"))
+    _choice("data.source", d.source, ("shapes", "imagefolder", "coco", "webdataset", "hf", "latents"))
     _choice("data.crop", d.crop, ("center", "random"))
     _choice("train.mixed_precision", t.mixed_precision, ("auto", "no", "bf16"))
     positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
                 "model.latent_channels": m.latent_channels, "model.latent_size": m.latent_size,
                 "data.seq_len": d.seq_len, "data.batch_size": d.batch_size, "data.resolution": d.resolution,
+                "data.stream_lanes": d.stream_lanes,
                 "train.steps": t.steps, "train.grad_accum": t.grad_accum, "sample.steps": s.steps}
     for key, value in positive.items():
         if value < 1:
