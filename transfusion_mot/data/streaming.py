@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,12 @@ from typing import Iterator
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from .segments import Record
 from .sources import IMAGE_EXTS, BadRecord, NoUsableData, SkipStats, clean_captions, open_image  # noqa: F401
 
+META = re.compile(r"(.*/)?__[^/]*__($|/)")  # webdataset's metadata files, not samples
 REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://", "sftp://", "scp://")
 
 
@@ -88,25 +90,47 @@ def _name(shards: list[str]) -> str:
 # --------------------------------------------------------------------------------------------------
 # Reading one shard
 # --------------------------------------------------------------------------------------------------
-def read_shard(url: str, skip: int = 0, skips: SkipStats | None = None) -> Iterator[dict]:
-    """Samples (dicts of ``ext -> bytes`` plus ``__key__``) of one shard, after the first ``skip``.
+def _members(fileobj, base: int, skip: int) -> Iterator[tuple[str, str, bytes, int]]:
+    """(key, ext, data, byte offset of its header) of each file in a tar stream, webdataset's way (key =
+    path up to the first dot of the name, ``__meta__`` files ignored); the first ``skip`` samples' data
+    is never read. The offsets let a local shard resume with a seek instead of re-reading headers."""
+    tar = tarfile.open(fileobj=fileobj, mode="r|*")
+    n, prefix = 0, None
+    for info in tar:
+        key, ext = base_plus_ext(info.name) if info.isreg() else (None, None)
+        if key is None or META.match(info.name):
+            continue
+        if key != prefix:
+            prefix, n = key, n + 1
+        if n > skip:
+            yield key, ext.lower(), tar.extractfile(info).read(), base + info.offset
+        tar.members = []  # stream mode: keep nothing of earlier members
 
-    Skipped samples are not read into memory (webdataset's ``select_files`` runs before the read). A
-    damaged or unreachable shard ends early with one ``bad_shard`` count; what came before stays.
+
+def read_shard(url: str, skip: int = 0, skips: SkipStats | None = None, byte: int = 0) -> Iterator[dict]:
+    """Samples (``__key__``, ``__offset__`` and one ``ext -> bytes`` per file) of one shard after its first
+    ``skip``; ``byte``: a local shard is entered there (a sample's ``__offset__``) by a seek.
+
+    Shards are opened by webdataset (``gopen``: local paths, ``pipe:``, URLs). A damaged or unreachable
+    shard ends early with one ``bad_shard`` count; the samples before the damage stay.
     """
-    state = {"prefix": None, "n": 0}
-
-    def select(fname: str) -> bool:
-        prefix, _ = base_plus_ext(fname)
-        if prefix is not None and prefix != state["prefix"]:
-            state["prefix"], state["n"] = prefix, state["n"] + 1
-        return state["n"] > skip
-
+    local = not url.startswith(REMOTE)
     try:
         stream = wds.gopen(url)
         try:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream, select_files=select))
-            yield from group_by_keys(files)
+            if byte and local:
+                stream.seek(byte)
+            sample: dict | None = None
+            for key, ext, data, offset in _members(stream, byte if local else 0, skip):
+                if sample is None or key != sample["__key__"]:
+                    if sample is not None:
+                        yield sample
+                    sample = {"__key__": key, "__offset__": offset}
+                if ext in sample:
+                    raise ValueError(f"duplicate file {key}.{ext}")
+                sample[ext] = data
+            if sample is not None:
+                yield sample
         finally:
             stream.close()
     except (tarfile.TarError, OSError, ValueError, EOFError) as e:
@@ -206,9 +230,10 @@ class LaneState:
     shard: int = 0  # index into the lane's shard list of this epoch
     offset: int = 0  # samples of that shard already consumed
     consumed: int = 0  # samples this lane has given out in total
+    byte: int = 0  # where the last consumed sample starts in a local shard: resume seeks there, skips it
 
     def as_list(self) -> list[int]:
-        return [self.epoch, self.shard, self.offset, self.consumed]
+        return [self.epoch, self.shard, self.offset, self.consumed, self.byte]
 
 
 class LanePlan:
@@ -242,12 +267,12 @@ def lane_samples(source: ShardSource, plan: LanePlan, lane: int, state: LaneStat
         found = st.offset > 0 or st.shard > 0
         while st.shard < len(shards):
             url = source.shards[shards[st.shard]]
-            for sample in read_shard(url, skip=st.offset, skips=pending):
+            seek = st.byte if st.offset and not url.startswith(REMOTE) else 0
+            for sample in read_shard(url, skip=1 if seek else st.offset, skips=pending, byte=seek):
                 found = True
-                st.offset += 1
-                st.consumed += 1
+                st.offset, st.consumed, st.byte = st.offset + 1, st.consumed + 1, sample["__offset__"]
                 yield sample, url, LaneState(**vars(st))
-            st.shard, st.offset = st.shard + 1, 0
+            st.shard, st.offset, st.byte = st.shard + 1, 0, 0
         if not found:
             names = [source.shards[i] for i in shards]
             raise NoUsableData(f"{source.name}: lane {lane} read all its shards of epoch {st.epoch} and found no "
