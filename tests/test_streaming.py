@@ -185,3 +185,6 @@ def test_held_out_shards_and_pipe_shards_train_the_same(shards: Path):
     piped = f"pipe:cat {shards}/s-{{000..007}}.tar"
     a, b = stream(config(shards)), stream(config(piped))
     assert all(_equal(next(a), next(b)) for _ in range(3))
+    # a pipe cannot seek: its lanes resume by skipping samples by count, to the same batches
+    resumed = stream(config(piped), start=3, state=b.state_dict())
+    assert all(_equal(next(resumed), next(a)) for _ in range(4))
