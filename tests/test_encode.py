@@ -92,7 +92,8 @@ def test_encode_writes_resumable_shards(setup):
 def test_training_reads_latents_without_decoding_or_encoding(setup, monkeypatch):
     from transfusion_mot.data import codec, sources
     from transfusion_mot.data.packing import Specials
-    from transfusion_mot.data.pipeline import build_records, build_stream, prepare_codec, prepare_tokenizer
+    from transfusion_mot.data.pipeline import (build_records, build_stream, load_run_codec, prepare_codec,
+                                               prepare_tokenizer)
 
     tmp_path, overrides = setup
     out = tmp_path / "latents"
@@ -108,6 +109,7 @@ def test_training_reads_latents_without_decoding_or_encoding(setup, monkeypatch)
     records = build_records(cfg.data, "train")
     vae, enc = prepare_codec(cfg, tmp_path / "run2", records=records)
     assert vae.name == read_meta(out)["codec"]["name"]
+    assert load_run_codec(cfg, tmp_path / "run2").name == vae.name  # what generate loads for this run
     tok = prepare_tokenizer(cfg)
     stream = build_stream(records, tok, enc, cfg, Specials.of(tok), report=lambda msg: None)
     batches = [next(stream) for _ in range(3)]
@@ -166,3 +168,18 @@ def test_encode_in_two_processes(setup):
     for name in sorted(p.name for p in (out / "train").glob("*.tar")):  # what one process writes (tar times aside)
         a, b = (list(wds.WebDataset(str(d / "train" / name), shardshuffle=False)) for d in (out, single))
         assert [(x["__key__"], x["npy"], x["json"]) for x in a] == [(x["__key__"], x["npy"], x["json"]) for x in b]
+
+
+def test_encode_with_the_trained_vae_keeps_it(tmp_path: Path):
+    """The default codec (our small VAE, trained on the data first) travels with the latents and the run."""
+    from transfusion_mot.data.pipeline import build_records, load_run_codec, prepare_codec
+
+    overrides = ["data.shapes_train_size=40", "data.shapes_val_size=8", "codec.vae_steps=3"]
+    out = encode(load_config(DEBUG, overrides), tmp_path / "latents", shard_size=16, report=lambda msg: None)
+    meta = read_meta(out)
+    assert meta["codec"]["config"]["path"] == str(out / "vae") and (out / "vae" / "codec.json").is_file()
+    assert meta["splits"]["train"] == {"shards": 3, "samples": 40, "skips": meta["splits"]["train"]["skips"]}
+    cfg = load_config(DEBUG, ["data.source=latents", f"data.path={out}"])
+    codec, _ = prepare_codec(cfg, tmp_path / "run", records=build_records(cfg.data))
+    assert (tmp_path / "run" / "vae" / "codec.json").is_file()  # copied: the run decodes without the latents
+    assert load_run_codec(cfg, tmp_path / "run").name == codec.name == meta["codec"]["name"]

@@ -56,9 +56,9 @@ def check_meta(meta: dict, cfg: Config, folder: str) -> None:
                              f"{key} {meta[key]!r}; set data.{key}={meta[key]!r} or encode again")
 
 
-def codec_for_latents(cfg: Config, records):
-    """The codec that decodes encoded shards: the one encode.json names unless ``codec.*`` is set, in which
-    case it must be that same codec (same weights and normalisation)."""
+def codec_for_latents(cfg: Config):
+    """(codec, its config): the codec that decodes encoded shards, the one encode.json names unless ``codec.*``
+    is set, in which case it must be that same codec (same weights and normalisation)."""
     from .codec import load_codec
     from .pipeline import check_codec
 
@@ -72,7 +72,7 @@ def codec_for_latents(cfg: Config, records):
                          f"the codec {meta['codec']['name']!r} that encoded {cfg.data.path}; leave codec.* unset "
                          f"to use that one")
     check_codec(codec, cfg)
-    return codec
+    return codec, codec_cfg
 
 
 def _units(records, shard_size: int) -> list:

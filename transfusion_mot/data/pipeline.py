@@ -416,7 +416,13 @@ def prepare_codec(cfg: Config, run_dir: Path, accelerator=None, records=None):
     if getattr(records, "latents", False):  # encoded shards: the codec only decodes (samples, evaluation)
         from .encode import codec_for_latents
 
-        codec = codec_for_latents(cfg, records).to(accelerator.device if accelerator is not None else "cpu")
+        codec, codec_cfg = codec_for_latents(cfg)
+        if codec_cfg.kind == "trained" and main and not (run_dir / "vae" / "codec.json").exists():
+            shutil.copytree(codec_cfg.path, run_dir / "vae.tmp", dirs_exist_ok=True)  # the run stays self-contained
+            os.replace(run_dir / "vae.tmp", run_dir / "vae")
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        codec = codec.to(accelerator.device if accelerator is not None else "cpu")
         return codec.eval(), lambda keys, latents: latents
     if cfg.codec.kind == "trained":
         local = run_dir / "vae"
@@ -450,6 +456,10 @@ def load_run_codec(cfg: Config, run_dir: Path):
 
     if cfg.codec.kind == "trained":
         local = Path(run_dir) / "vae"
+        if not local.exists() and cfg.data.source == "latents" and not cfg.codec.path:
+            from .encode import codec_for_latents  # the codec encode.json names (while the data is there)
+
+            return codec_for_latents(cfg)[0]
         path = local if local.exists() else Path(cfg.codec.path)
         return load_codec(replace(cfg.codec, path=str(path)))
     return load_codec(cfg.codec)
