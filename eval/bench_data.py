@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -131,10 +132,9 @@ def startup(folder: Path, n: int, resume_at: float = 0.0, workers: int = 0) -> d
 
 
 # ---------------------------------------------------------------- throughput: latents vs JPEG + VAE vs the step
-def flickr_cfg(flickr: Path, *extra: str):
+def flickr_cfg(flickr: Path, vae: Path, *extra: str):
     from transfusion_mot.config import load_config
 
-    vae = flickr.parents[1] / "vae"
     return load_config(str(REPO / "configs" / "small_mot.yaml"), [
         "data.source=imagefolder", f"data.path={flickr}", "data.resolution=128", "codec.kind=taef2",
         f"codec.encoder_path={vae / 'taef2_encoder.pth'}", f"codec.decoder_path={vae / 'taef2_decoder.pth'}",
@@ -192,23 +192,28 @@ def subset(flickr: Path, out: Path, n: int) -> Path:
 def throughput(flickr: Path, tmp: Path, batches: int, n_images: int = 320) -> list[dict]:
     from transfusion_mot.data.encode import encode
 
+    vae = flickr.parents[1] / "vae"  # TAEF2 beside the Flickr8k subset in shared/assets
     flickr = subset(flickr, tmp / "flickr-subset", n_images)
     latents = tmp / "flickr-latents"
     t0 = time.perf_counter()
-    encode(flickr_cfg(flickr), latents, shard_size=100, report=lambda msg: None)
+    encode(flickr_cfg(flickr, vae), latents, shard_size=100, report=lambda msg: None)
     encode_s = time.perf_counter() - t0
-    consume = step_rate(flickr_cfg(flickr), tmp / "step")
+    consume = step_rate(flickr_cfg(flickr, vae), tmp / "step")
     rows = []
     for workers in (0, 2):
         settings = {
-            "encoded latent shards (data.source=latents)": (flickr_cfg(flickr, "data.source=latents",
+            "encoded latent shards (data.source=latents)": (flickr_cfg(flickr, vae, "data.source=latents",
                                                                        f"data.path={latents}",
                                                                        "data.stream_lanes=8"), False),
-            "JPEG + TAEF2 on the fly": (flickr_cfg(flickr, "data.cache_latents=false"), False),
-            "JPEG + per-example latent cache (warm)": (flickr_cfg(flickr, "data.cache_latents=true"), True)}
+            "JPEG + TAEF2 on the fly": (flickr_cfg(flickr, vae, "data.cache_latents=false"), False),
+            "JPEG + per-example latent cache (warm)": (flickr_cfg(flickr, vae, "data.cache_latents=true"), True)}
         for name, (cfg, warm) in settings.items():
             cfg.data.num_workers = workers
-            r = rate(cfg, tmp / "run", batches, warm)
+            try:
+                r = rate(cfg, tmp / "run", batches, warm)
+            except Exception as e:  # one broken row must not lose the others' measurements
+                rows.append({"path": name, "workers": workers, "error": f"{type(e).__name__}: {e}"[:300]})
+                continue
             rows.append({"path": name, "workers": workers, "examples_per_s": r, "step_examples_per_s": consume,
                          "over_step": r / consume})
             print(rows[-1], flush=True)
@@ -222,6 +227,8 @@ def main(argv=None) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--tmp", default="/tmp")
     p.add_argument("--batches", type=int, default=30)
+    p.add_argument("--images", type=int, default=320, help="Flickr8k images of the throughput rows")
+    p.add_argument("--reps", type=int, default=3, help="fresh processes per start-up / resume measurement")
     p.add_argument("--flickr", default=str(REPO.parent / "shared" / "assets" / "images" / "flickr8k-1000"))
     p.add_argument("--out", default=None)
     p.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: folder n resume_at workers
@@ -237,12 +244,16 @@ def main(argv=None) -> None:
         print(f"wrote {max(args.sizes)} samples in {time.perf_counter() - t0:.0f} s", flush=True)
         scale = []
         for n in sorted(args.sizes):
-            for workers in (0, 2):
-                row = {"samples": n, "workers": workers, **startup(tmp / "shards", n, workers=workers)}
-                row["resume_s"] = startup(tmp / "shards", n, 0.75, workers)["seconds_to_first_batch"]
+            for workers in (0, 2):  # median of --reps fresh processes: single runs move 2x on a busy machine
+                runs = [startup(tmp / "shards", n, workers=workers) for _ in range(args.reps)]
+                row = {"samples": n, "workers": workers, **runs[0]}
+                for key in ("seconds_to_first_batch", "peak_rss_mib"):
+                    row[key] = statistics.median(r[key] for r in runs)
+                row["resume_s"] = statistics.median(startup(tmp / "shards", n, 0.75, workers)["seconds_to_first_batch"]
+                                                    for _ in range(args.reps))
                 scale.append(row)
                 print(row, flush=True)
-        flow = throughput(Path(args.flickr), tmp, args.batches) if Path(args.flickr).is_dir() else []
+        flow = throughput(Path(args.flickr), tmp, args.batches, args.images) if Path(args.flickr).is_dir() else []
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     write(scale, flow, args)
@@ -261,7 +272,8 @@ def write(scale: list[dict], flow: list[dict], args) -> None:
     md = ["# Data at scale: start-up, throughput, resume", "{header}",
           f"Start-up = a fresh process builds the training stream (shard list, lanes, loader) and takes its first "
           f"batch of the debug layout from synthetic shards of {PER_SHARD} tiny JPEGs; memory = its peak resident "
-          f"memory above the imports. Resume = the same from 75% of the data with the lane state a run saves there.",
+          f"memory above the imports. Resume = the same from 75% of the data with the lane state a run saves there. "
+          f"Median of {args.reps} fresh processes each.",
           "", md_table(scale), "",
           f"- start-up time max/min over the sizes (same worker count): **{ratio['seconds_to_first_batch']:.2f}x**, "
           f"memory **{ratio['peak_rss_mib']:.2f}x** (goal <= {GOALS['startup_ratio']}x): "
@@ -271,7 +283,7 @@ def write(scale: list[dict], flow: list[dict], args) -> None:
     if flow:
         md += [f"Throughput, `small` layout (8 rows, 128 px, TAEF2 32x16x16 latents), {args.batches} batches after "
                "the first; the step column is what one small MoT training step (forward+backward+AdamW) consumes.",
-               f"The first 320 Flickr8k images, 5% held out.", "", md_table(flow), "",
+               f"The first {args.images} Flickr8k images, 5% held out.", "", md_table(flow), "",
                f"- encoded latents with 2 workers: **{best_latents:.1f}x** the step (goal >= "
                f"{GOALS['latents_over_step']}x): {'met' if verdict['latents_headroom'] else 'not met'}"]
     write_results("bench_data", {"scale": scale, "throughput": flow, "goals": GOALS, "ratios": ratio,

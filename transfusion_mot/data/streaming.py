@@ -15,8 +15,8 @@ stream cannot, so shards follow this contract instead (tested in tests/test_stre
   ``G = W E`` whatever ``W`` is, and W processes see the examples one process sees with W times the batch.
   Each rank reads only its own ``L / W`` lanes and each DataLoader worker ``L / (W K)`` of them.
 - The resumable state is the global position and, per lane, (epoch, shard in the epoch, sample offset in
-  the shard, samples consumed): a resume reopens each lane's shard and skips ``offset`` samples without
-  decoding them. Re-sharding rule: a run resumes with any number of processes W and workers K for which
+  the shard, samples consumed, byte offset of the last sample): a resume seeks into a local shard (a
+  ``pipe:`` / URL shard skips ``offset`` samples without reading their data). Re-sharding rule: a run resumes with any number of processes W and workers K for which
   ``W K`` divides ``L``, at the next unseen position; with the same global batch the batches are identical.
   Anything else (another shard list, seed or lane count) is refused with the reason.
 """
