@@ -139,7 +139,7 @@ def test_imagefolder_with_a_pretrained_vae_config_trains(setup):
     assert cfg.codec.subfolder == "vae"
     with pytest.raises(ValueError, match="codec gives 4x16x16 latents"):  # 3 levels: 4x down, not 8x
         train(cfg, evaluate_at_end=False)
-    cfg.data.resolution = 32
+    cfg.data.resolution, cfg.train.out_dir = 32, str(tmp_path / "run-32px")  # a fresh run dir
     run = train(cfg, evaluate_at_end=False)
     assert (run / "model" / "model.safetensors").exists()
 
