@@ -188,3 +188,35 @@ def test_held_out_shards_and_pipe_shards_train_the_same(shards: Path):
     # a pipe cannot seek: its lanes resume by skipping samples by count, to the same batches
     resumed = stream(config(piped), start=3, state=b.state_dict())
     assert all(_equal(next(resumed), next(a)) for _ in range(4))
+
+
+@pytest.mark.slow  # two accelerate launches: ~30 s on an idle 2-core CPU
+def test_two_processes_save_every_lane_and_one_resumes(shards: Path, tmp_path: Path):
+    """accelerate launch, 2 gloo processes: the checkpoint holds both ranks' lanes (gathered), and one process
+    with the same global batch resumes from it (the re-sharding rule)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    args = ["-m", "transfusion_mot.train", "--config", DEBUG, "--no-eval", "data.source=webdataset",
+            f"data.path={shards}", "data.val_fraction=0.25", "data.stream_lanes=4", f"train.out_dir={run}",
+            "codec.vae_steps=3", "train.ema_decay=0", "train.log_every=1"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    res = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), *args,
+                          "data.batch_size=2", "train.steps=3", "train.save_every=3"],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = subprocess.run([sys.executable, *args, "data.batch_size=4", "train.steps=4", "train.resume=auto"],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout and "step_000003" in res.stdout
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
