@@ -31,7 +31,7 @@ from common import REPO, RESULTS, md_table, write_results
 
 from transfusion_mot.components.flops import model_flops_per_token
 from transfusion_mot.config import Config, load_config
-from transfusion_mot.data.pipeline import build_records, prepare_tokenizer
+from transfusion_mot.data.pipeline import build_records, iter_records, prepare_tokenizer
 from transfusion_mot.model import build_model
 from transfusion_mot.train import train
 
@@ -178,12 +178,10 @@ def data_stats(cfg: Config, tokenizer, n: int = 256) -> tuple[float, float]:
     """
     records = build_records(cfg.data, "train")
     lengths = []
-    for i in range(min(n, len(records))):
-        try:
-            rec = records[i]
-        except Exception:  # an unreadable record: the trainer skips it too
-            continue
+    for rec in iter_records(records):  # unreadable records are skipped, as the trainer skips them
         lengths.append(min(len(tokenizer.encode(rec.captions[0])), cfg.data.max_caption_tokens))
+        if len(lengths) == n:
+            break
     if not lengths:
         raise ValueError(f"no readable training records in {getattr(records, 'name', cfg.data.path)}")
     keep = 1.0 - cfg.data.caption_first * cfg.data.caption_dropout

@@ -219,6 +219,25 @@ def test_from_diffusers_without_shift_in_config(tmp_path: Path):
     assert (codec.scaling_factor, codec.shift_factor) == (0.25, 0.0)
 
 
+def test_pretrained_vae_in_a_pipeline_folder(tmp_path: Path):
+    """A diffusers pipeline folder (model_index.json + vae/), as users name hub VAEs: path + subfolder."""
+    pipe = tmp_path / "tiny-pipeline"
+    tiny_autoencoder(pipe / "vae", scaling_factor=1.5305, shift_factor=0.0609)  # SD-3's factors
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline",
+                                                       "vae": ["diffusers", "AutoencoderKL"]}))
+    codec = load_codec(CodecConfig(kind="diffusers", path=str(pipe), subfolder="vae"))
+    assert (codec.scaling_factor, codec.shift_factor) == (1.5305, 0.0609)
+    assert (codec.latent_channels, codec.downsample) == (3, 2) and codec.encode(torch.rand(2, 3, 16, 16)).shape == (2, 3, 8, 8)
+    assert codec.name == LatentCodec.from_diffusers(pipe / "vae").name  # same weights, same latents, same name
+    with pytest.raises(FileNotFoundError, match="set codec.subfolder=vae"):
+        load_codec(CodecConfig(kind="diffusers", path=str(pipe)))
+    with pytest.raises(FileNotFoundError, match=r"tiny-pipeline/unet/config\.json"):
+        load_codec(CodecConfig(kind="diffusers", path=str(pipe), subfolder="unet"))
+    # a hub id that is not available offline names the id and the subfolder
+    with pytest.raises(FileNotFoundError, match=r"'stabilityai/stable-diffusion-3-medium-diffusers' \(subfolder 'vae'\)"):
+        load_codec(CodecConfig(kind="diffusers", path="stabilityai/stable-diffusion-3-medium-diffusers", subfolder="vae"))
+
+
 # ---- missing files and bad config -----------------------------------------------------------------------
 
 def test_missing_files_are_named(tmp_path: Path):

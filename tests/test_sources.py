@@ -13,7 +13,8 @@ import torch
 from PIL import Image as PILImage
 
 from transfusion_mot.data.sources import (BadRecord, CocoSource, HFSource, ImageFolderSource, ImageTransform,
-                                          SkipStats, WebDatasetSource, build_source, read_all)
+                                          SkipStats, build_source, read_all)
+from transfusion_mot.data.streaming import ShardSource, expand_shards
 
 
 def noise_image(w: int, h: int, seed: int, mode: str = "RGB") -> PILImage.Image:
@@ -117,23 +118,24 @@ def shards(tmp_path: Path) -> Path:
     return d
 
 
-def test_webdataset_map_style_any_pattern(shards: Path):
+def test_webdataset_shards_any_pattern(shards: Path):
     patterns = [shards, str(shards / "shard-*.tar"), str(shards / "shard-{000..001}.tar")]
-    sources = [WebDatasetSource(p) for p in patterns]
-    keys = [[k for k, _ in s.items] for s in sources]
-    assert keys[0] == keys[1] == keys[2] == ["shard-000/000000000", "shard-000/000000001",
-                                             "shard-001/000010000", "shard-001/000010002"]
-    source = sources[2]
-    assert source.skips.counts == {"no_image": 1}
-    assert source[0].captions == ["a red kite in the sky"]
-    assert source[1].captions == ["a tall painting"] and source[1].meta["width"] == 32
-    assert source[3].captions == ["un café à Paris"]
-    tf = ImageTransform(24)
-    assert torch.equal(tf(source[3].image), tf(source[3].image))  # map-style: item i is always the same
-    records, skips = read_all(source, tf)
+    lists = [expand_shards(p) for p in patterns]
+    assert lists[0] == lists[1] == lists[2] == [str(shards / "shard-000.tar"), str(shards / "shard-001.tar")]
+    pipe = f"pipe:cat {shards}/shard-{{000..001}}.tar"  # webdataset opens pipe: (and URL) shards itself
+    assert expand_shards(pipe) == [f"pipe:cat {shards}/shard-000.tar", f"pipe:cat {shards}/shard-001.tar"]
+    for source in (build_source("webdataset", patterns[2]), ShardSource(expand_shards(pipe))):
+        skips = SkipStats()
+        records = list(source.records(skips))
+        assert [r.key for r in records] == ["shard-000/000000000", "shard-000/000000001", "shard-001/000010002"]
+        assert records[0].captions == ["a red kite in the sky"]
+        assert records[1].captions == ["a tall painting"] and records[1].meta["width"] == 32
+        assert records[2].captions == ["un café à Paris"]
+        assert skips.counts == {"empty_caption": 1, "no_image": 1}
+    records, skips = read_all(source, ImageTransform(24))
     assert len(records) == 3 and skips.counts == {"no_image": 1, "empty_caption": 1}
     with pytest.raises(FileNotFoundError, match="shard-002"):
-        WebDatasetSource(str(shards / "shard-{000..002}.tar"))
+        expand_shards(str(shards / "shard-{000..002}.tar"))
 
 
 def test_coco_json(tmp_path: Path):

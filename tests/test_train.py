@@ -134,10 +134,11 @@ def test_trains_on_real_data_sources(tmp_path, kind):
     else:
         import webdataset as wds
 
-        path = tmp_path / "shard-000.tar"
-        with wds.TarWriter(str(path)) as sink:
-            for i, name in enumerate(names):
-                sink.write({"__key__": f"{i:05d}", "jpg": (data / name).read_bytes(), "txt": f"noise {i}"})
+        path = tmp_path / "shard-{000..001}.tar"  # two shards: the last one is held out for validation
+        for s in range(2):
+            with wds.TarWriter(str(tmp_path / f"shard-{s:03d}.tar")) as sink:
+                for i, name in enumerate(names[s::2]):
+                    sink.write({"__key__": f"{i:05d}", "jpg": (data / name).read_bytes(), "txt": f"noise {i}"})
     run = tmp_path / "run"
     cfg = load_config(DEBUG, debug_overrides(run, "train.steps=2", f"data.source={kind}", f"data.path={path}",
                                              "codec.vae_steps=5", "data.cache_latents=false"))

@@ -1,4 +1,4 @@
-"""The ``transfusion-mot`` command: main, train, generate, caption, train-vae, params."""
+"""The ``transfusion-mot`` command: main, train, generate, caption, train-vae, encode, params."""
 from __future__ import annotations
 
 import argparse
@@ -109,6 +109,14 @@ def cmd_train_vae(args: argparse.Namespace) -> None:
     print(f"VAE written to {codec_dir} (use codec.kind=trained codec.path={codec_dir})")
 
 
+def cmd_encode(args: argparse.Namespace) -> None:
+    from .data.encode import main as encode_main
+
+    argv = (["--config", args.config] if args.config else []) + ["--out", args.out, "--shard-size",
+                                                                 str(args.shard_size), "--dtype", args.dtype]
+    encode_main(argv + args.overrides)
+
+
 def cmd_params(args: argparse.Namespace) -> None:
     from .components.flops import main as flops_main
 
@@ -159,6 +167,15 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--out", required=True)
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_train_vae)
+
+    s = sub.add_parser("encode", help="encode a source once into shards of latents + token ids + captions "
+                                      "(multi-process: accelerate launch -m transfusion_mot.data.encode)")
+    s.add_argument("--config", default=None)
+    s.add_argument("--out", required=True, help="folder for encode.json and the train/ and val/ shards")
+    s.add_argument("--shard-size", type=int, default=1000, help="records per shard for map-style sources")
+    s.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="latent storage type")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_encode)
 
     s = sub.add_parser("params", help="parameter and FLOP table of every named size")
     s.set_defaults(fn=cmd_params)

@@ -75,7 +75,7 @@ class CodecConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # "shapes" | "imagefolder" | "coco" | "webdataset" | "hf"
+    source: str = "shapes"  # "shapes" | "imagefolder" | "coco" | "webdataset" | "hf" | "latents" (`encode` output)
     path: str = ""  # folder / shard pattern / dataset path (unused for shapes)
     captions: str = ""  # coco json or captions file, where the source needs one
     image_column: str = "image"  # hf datasets
@@ -93,6 +93,7 @@ class DataConfig:
     shapes_max_shapes: int = 4  # shapes per image, 1..4
     shapes_textured: bool = True  # textured as well as plain backgrounds
     num_workers: int = 0
+    stream_lanes: int = 64  # shards are read in min(this, shards) lanes; a multiple of processes x workers
     cache_latents: bool = True
     val_path: str = ""  # held-out data for validation loss ("" = hold out val_fraction of the source)
     val_fraction: float = 0.05  # the last records of a real source (no val_path) are held out, never trained on
@@ -342,7 +343,7 @@ def validate(cfg: Config) -> Config:
     _choice("model.attention", m.attention, ("auto", "sdpa", "flex"))
     _choice("flow.t_sampling", f.t_sampling, ("uniform", "logit_normal"))
     _choice("codec.kind", cfg.codec.kind, ("trained", "diffusers", "taef2"))
-    _choice("data.source", d.source, ("shapes", "imagefolder", "coco", "webdataset", "hf"))
+    _choice("data.source", d.source, ("shapes", "imagefolder", "coco", "webdataset", "hf", "latents"))
     _choice("data.crop", d.crop, ("center", "random"))
     _choice("train.mixed_precision", t.mixed_precision, ("auto", "no", "bf16"))
     if s.scheduler not in SCHEDULERS:
@@ -408,7 +409,7 @@ def _check_counters(cfg: Config) -> None:
     m, d, c, t, s, e = cfg.model, cfg.data, cfg.codec, cfg.train, cfg.sample, cfg.eval
     at_least_one = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
                     "data.seq_len": d.seq_len, "data.batch_size": d.batch_size, "data.resolution": d.resolution,
-                    "data.max_caption_tokens": d.max_caption_tokens, "data.shapes_train_size": d.shapes_train_size,
+                    "data.max_caption_tokens": d.max_caption_tokens, "data.stream_lanes": d.stream_lanes, "data.shapes_train_size": d.shapes_train_size,
                     "data.shapes_val_size": d.shapes_val_size, "codec.vae_steps": c.vae_steps,
                     "codec.vae_latent_channels": c.vae_latent_channels, "train.steps": t.steps,
                     "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,

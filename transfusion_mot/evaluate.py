@@ -21,14 +21,11 @@ def held_out_prompts(cfg: Config, n: int) -> list[str]:
         from .data.shapes import held_out_prompts as shapes_prompts
 
         return shapes_prompts(n, split="test", max_shapes=cfg.data.shapes_max_shapes)
-    from .data.pipeline import build_records
+    from .data.pipeline import build_records, iter_records
 
-    records = build_records(cfg.data, "val")
     out = []
-    for i in range(len(records)):
-        rec = records[i]
-        if rec is not None:
-            out.append(rec.captions[0])
+    for rec in iter_records(build_records(cfg.data, "val")):
+        out.append(rec.captions[0])
         if len(out) == n:
             break
     return out

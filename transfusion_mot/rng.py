@@ -22,6 +22,7 @@ import torch
 # new stream (and change a run's randomness) where the old one was meant.
 PURPOSES = (
     "order",  # record order of each epoch of the data
+    "shard_order",  # shard order of each epoch of a shard stream
     "crop",  # random crop of an example's image
     "caption",  # which of a record's captions an example uses
     "caption_first",  # caption->image or image->caption

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from . import flow
@@ -26,7 +26,7 @@ from .components.optim import build_optimizer, build_scheduler
 from .components.tracking import MetricsLog, plot_losses
 from .config import Config, load_config
 from .data.packing import IGNORE, Specials
-from .data.pipeline import BatchStream, ExampleSource, build_records
+from .data.pipeline import build_records, build_stream
 from .model import build_model, model_vocab_size, untie_from_dense
 
 
@@ -70,7 +70,7 @@ def setup_model(cfg: Config, vocab_size: int, accelerator: Accelerator):
     return model, opt, sched
 
 
-def micro_batches(stream: BatchStream, n: int, device) -> list:
+def micro_batches(stream, n: int, device) -> list:
     return [next(stream).to(device) for _ in range(n)]
 
 
@@ -149,9 +149,9 @@ def train(cfg: Config, evaluate_at_end: bool = True) -> Path:
         log.path.unlink(missing_ok=True)
     if accelerator.is_main_process and accelerator.log_with:
         accelerator.init_trackers("tb", config={"name": cfg.name})
-    source = ExampleSource(records, tokenizer, cfg,
-                           accelerator.process_index, accelerator.num_processes)
-    stream = BatchStream(source, encode, cfg, specials, start=state.next_batch, report=accelerator.print)
+    stream = build_stream(records, tokenizer, encode, cfg, specials, accelerator.process_index,
+                          accelerator.num_processes, start=state.next_batch, state=state.data,
+                          report=accelerator.print, gather=gather_object if accelerator.num_processes > 1 else None)
     from .evaluate import Evaluator
 
     evaluator = Evaluator(cfg, tokenizer, codec, run_dir, accelerator)
@@ -209,6 +209,7 @@ def train(cfg: Config, evaluate_at_end: bool = True) -> Path:
                 log.write({"step": state.step, "prompt_following": quick["prompt_following"]})
         pause = stop_signal["hit"] or (cfg.train.stop_after and state.step >= cfg.train.stop_after)
         if pause or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
+            state.data = stream.state_dict()  # a shard stream's lanes, gathered from every rank
             save_checkpoint(accelerator, run_dir, state.step, cfg, keep=cfg.train.keep_checkpoints)
         if pause and state.step < cfg.train.steps:
             why = "SIGTERM" if stop_signal["hit"] else f"train.stop_after={cfg.train.stop_after}"
@@ -221,6 +222,7 @@ def train(cfg: Config, evaluate_at_end: bool = True) -> Path:
         accelerator.print(stream.skips.report())
 
     # --- end: checkpoint, export, evaluate ---
+    state.data = stream.state_dict()
     save_checkpoint(accelerator, run_dir, state.step, cfg, keep=cfg.train.keep_checkpoints)
     final = _eval_model(ema, model, accelerator)
     if accelerator.is_main_process:

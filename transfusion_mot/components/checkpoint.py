@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ class TrainState:
     skipped_steps: int = 0  # non-finite losses skipped in total
     examples_seen: int = 0
     next_batch: int = 0  # data position: index of the next batch the stream yields
+    data: dict = field(default_factory=dict)  # a shard stream's position (data/streaming.py); {} for map-style
 
     def state_dict(self) -> dict:
         return asdict(self)

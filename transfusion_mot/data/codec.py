@@ -102,19 +102,24 @@ class LatentCodec(nn.Module):
 
     @classmethod
     def from_diffusers(cls, path_or_hub_id: str | Path, scaling_factor: float | None = None,
-                       shift_factor: float | None = None) -> LatentCodec:
-        """An ``AutoencoderKL`` from a folder or hub id; scale/shift from its config unless given."""
+                       shift_factor: float | None = None, subfolder: str = "") -> LatentCodec:
+        """An ``AutoencoderKL`` from a folder or hub id, optionally in its ``subfolder`` (a pipeline's "vae",
+        e.g. ``stabilityai/stable-diffusion-3-medium-diffusers`` + ``vae``); scale/shift from its config
+        unless given (SD-1: 0.18215 / none; SD-3: 1.5305 / 0.0609; FLUX: 0.3611 / 0.1159)."""
         from diffusers import AutoencoderKL
 
-        source = _resolve_diffusers_source(path_or_hub_id)
+        source = _resolve_diffusers_source(path_or_hub_id, subfolder)
+        where = f"{source!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
         try:
-            vae = AutoencoderKL.from_pretrained(source).float()
+            vae = AutoencoderKL.from_pretrained(source, subfolder=subfolder or None).float()
         except OSError as err:  # a hub id that is not cached while offline, or a folder without weights
-            raise FileNotFoundError(f"could not load AutoencoderKL {source!r}: neither a complete local folder "
+            raise FileNotFoundError(f"could not load AutoencoderKL {where}: neither a complete local folder "
                                     f"nor a hub id available here ({err})") from err
         scale = vae.config.scaling_factor if scaling_factor is None else scaling_factor
         shift = (vae.config.shift_factor or 0.0) if shift_factor is None else shift_factor
-        name = "vae-" + _digest(_weights_identity(source), scale, shift)
+        local = Path(source).is_dir()  # weight bytes of a folder, else the hub id (+ subfolder)
+        ident = _weights_identity(str(Path(source) / subfolder)) if local else f"{source}/{subfolder}".rstrip("/")
+        name = "vae-" + _digest(ident, scale, shift)
         return cls(_KLBackend(vae), vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1),
                    scale, shift, name)
 
@@ -154,8 +159,9 @@ def load_codec(cfg: CodecConfig) -> LatentCodec:
     scale, shift = cfg.scaling_factor, cfg.shift_factor
     if cfg.kind == "diffusers":
         if not cfg.path:
-            raise ValueError("codec.kind=diffusers needs codec.path=<AutoencoderKL folder or hub id>")
-        return LatentCodec.from_diffusers(cfg.path, scale, shift)
+            raise ValueError("codec.kind=diffusers needs codec.path=<AutoencoderKL folder or hub id> "
+                             "(and codec.subfolder=vae for a pipeline folder)")
+        return LatentCodec.from_diffusers(cfg.path, scale, shift, subfolder=cfg.subfolder)
     if cfg.kind == "trained":
         if not cfg.path:
             raise ValueError("codec.kind=trained needs codec.path=<folder written by `transfusion-mot train-vae`>")
@@ -173,17 +179,23 @@ def load_codec(cfg: CodecConfig) -> LatentCodec:
     raise ValueError(f"codec.kind must be 'trained', 'diffusers' or 'taef2', got {cfg.kind!r}")
 
 
-def _resolve_diffusers_source(path_or_hub_id: str | Path) -> str:
+def _resolve_diffusers_source(path_or_hub_id: str | Path, subfolder: str = "") -> str:
     """A local folder (checked now, with a clear error) or a hub id passed through to diffusers."""
     text = str(path_or_hub_id)
     path = Path(text).expanduser()
     looks_local = isinstance(path_or_hub_id, Path) or text.startswith(("/", ".", "~")) or text.count("/") != 1
     if path.exists() or looks_local:
-        config = path / "config.json"
+        config = path / subfolder / "config.json"
         if not config.is_file():
+            hint = ""
+            if not subfolder and (path / "vae" / "config.json").is_file():
+                hint = "; this looks like a pipeline folder: set codec.subfolder=vae"
+            elif not subfolder and (path / "model_index.json").is_file():
+                hint = "; this is a pipeline folder: set codec.subfolder to its VAE's folder (usually vae)"
             raise FileNotFoundError(
                 f"AutoencoderKL config not found: {config}. codec.path must be a folder written by "
-                f"AutoencoderKL.save_pretrained (config.json + weights) or a hub id such as 'org/name'")
+                f"AutoencoderKL.save_pretrained (config.json + weights), a pipeline folder with "
+                f"codec.subfolder, or a hub id such as 'org/name'{hint}")
         return str(path)
     return text
 

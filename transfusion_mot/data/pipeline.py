@@ -65,6 +65,10 @@ def build_records(cfg: DataConfig, split: str = "train"):
         size = cfg.shapes_train_size if split == "train" else cfg.shapes_val_size
         return ShapesDataset(split=split, size=size, resolution=cfg.resolution,
                              max_shapes=cfg.shapes_max_shapes, textured=cfg.shapes_textured)
+    if cfg.source in ("webdataset", "latents"):  # streamed shards (data/streaming.py), split by shard
+        from .streaming import shard_records
+
+        return shard_records(cfg, split)
     from .sources import build_source
 
     def source(path):
@@ -188,6 +192,8 @@ class BatchStream:
         self.skips.merge(source.skips)
         self.report = report
         self.epoch = self._epoch_of(start)
+        self.empty_batches = 0
+        self._unusable = 0  # this rank's positions since its last usable example
         workers = cfg.data.num_workers
         self.loader = torch.utils.data.DataLoader(
             source, batch_size=None, sampler=_Counter(start), num_workers=workers,
@@ -198,18 +204,72 @@ class BatchStream:
         return self.source.positions(g).start // max(len(self.source.records), 1)
 
     def __next__(self) -> Batch:
-        prepared, skips = next(self._it)
-        self.skips.merge(skips)
-        self.next_index += 1
-        epoch = self._epoch_of(self.next_index)
-        if epoch > self.epoch:
-            self.epoch = epoch
-            if self.skips.total:
-                self.report(f"epoch {epoch - 1} of the data: {self.skips.report()}")
-        return collate_batch(prepared, self.encode, self.cfg, self.specials)
+        """The next batch. One whose records were all skipped is skipped too (counted and reported), so
+        training goes on and a resume never meets it again; after four epochs' worth of this rank's
+        positions without one usable record, the source has nothing usable: a clear stop."""
+        while True:
+            prepared, skips = next(self._it)
+            self.skips.merge(skips)
+            self.next_index += 1
+            epoch = self._epoch_of(self.next_index)
+            if epoch > self.epoch:
+                self.epoch = epoch
+                if self.skips.total:
+                    self.report(f"epoch {epoch - 1} of the data: {self.skips.report()}")
+            if prepared:
+                self._unusable = 0
+                return collate_batch(prepared, self.encode, self.cfg, self.specials)
+            self.empty_batches += 1
+            self._unusable += self.source.per_batch
+            self.report(f"batch {self.next_index - 1}: all {self.source.per_batch} records skipped, going on "
+                        f"({self.skips.report()})")
+            if self._unusable >= 4 * len(self.source.records):
+                from .streaming import NoUsableData
+
+                raise NoUsableData(f"{_records_name(self.source.records)}: no usable record in "
+                                   f"{self._unusable} positions (4 epochs' worth); {self.skips.report()}")
 
     def __iter__(self):
         return self
+
+    def state_dict(self) -> dict:
+        """Map-style data needs no state beyond the batch index (``TrainState.next_batch``)."""
+        return {}
+
+
+def build_stream(records, tokenizer, encode, cfg: Config, specials: Specials, rank: int = 0, world: int = 1,
+                 start: int = 0, state: dict | None = None, report=print, gather=None):
+    """The training batch stream for ``records``: map-style sources through ``ExampleSource`` +
+    ``BatchStream``; shards through the resumable lanes of data/streaming.py. ``start`` is the batch
+    index to resume at, ``state`` the stream's saved ``state_dict()``; ``gather`` collects a list from
+    every rank (accelerate's ``gather_object``) so the main process saves every rank's lanes."""
+    from .streaming import ShardBatchStream, ShardSource, StreamExamples
+
+    if isinstance(records, ShardSource):
+        if start and not state:
+            raise ValueError(f"the checkpoint is at batch {start} but holds no shard-stream position "
+                             f"(saved for a map-style source?); cannot resume {records.name} exactly")
+        examples = StreamExamples(records, tokenizer, cfg, rank, world, state)
+        return ShardBatchStream(examples, encode, cfg, specials, start, report, gather)
+    if state:
+        raise ValueError(f"the checkpoint's data position belongs to a shard stream, but {_records_name(records)} "
+                         "is a map-style source; resume with the data it was trained on")
+    return BatchStream(ExampleSource(records, tokenizer, cfg, rank, world), encode, cfg, specials, start, report)
+
+
+def iter_records(records, skips: SkipStats | None = None):
+    """Every usable record in source order (held-out sets, VAE images); bad ones go into ``skips``."""
+    from .sources import BadRecord
+
+    skips = SkipStats() if skips is None else skips
+    if hasattr(records, "records"):  # a shard stream: read in order, no index
+        yield from records.records(skips)
+        return
+    for i in range(len(records)):
+        try:
+            yield records[i]
+        except BadRecord as bad:
+            skips.add(bad.reason, bad.key)
 
 
 class _Counter(torch.utils.data.Sampler):
@@ -256,23 +316,66 @@ def vae_key(cfg: Config, records) -> str:
     return "vae-" + hashlib.sha1(spec.encode()).hexdigest()[:12]
 
 
-def _vae_images(records, resolution: int, batch_size: int = 16, seed: int = 0):
-    """``images(step)`` for VAE training: centre-cropped pixels of records drawn at random (the step's
-    own stream), skipping bad ones."""
+def _vae_images(records, resolution: int, batch_size: int = 16, seed: int = 0, skips: SkipStats | None = None):
+    """``images(step)`` for VAE training: centre-cropped pixels of records, skipping bad ones into ``skips``.
+
+    Map-style records are drawn at random from the step's own stream, shards read in order; either way
+    a source in which every record has failed (or a full pass over the shards without one usable image)
+    is a ``NoUsableData`` stop, not an endless search.
+    """
     from .sources import BadRecord, ImageTransform
+    from .streaming import NoUsableData
 
     tf = ImageTransform(resolution, crop="center")
+    skips = SkipStats() if skips is None else skips
+    name = _records_name(records)
+
+    def none_usable(tried: int) -> NoUsableData:
+        return NoUsableData(f"no usable image for VAE training in {name} ({tried} records tried; {skips.report()})")
+
+    if hasattr(records, "records"):  # shards: one pass after another, in order
+        def passes():
+            while True:
+                found = 0
+                for rec in records.records(skips):
+                    px = tf(rec.image)
+                    if px is None:
+                        skips.add("too_small", rec.key)
+                        continue
+                    found += 1
+                    yield px
+                if not found:
+                    raise none_usable(skips.total)
+
+        stream = passes()
+        return lambda step: torch.stack([next(stream) for _ in range(batch_size)])
+
     n = len(records)
+    if n == 0:
+        raise none_usable(0)
+
+    failed: set[int] = set()
 
     def images(step: int) -> torch.Tensor:
         out, draw = [], rng.stream(seed, step, purpose="vae_images")
         while len(out) < batch_size:
+            index = int(draw.integers(n))
+            if index in failed:
+                continue
             try:
-                px = tf(records[int(draw.integers(n))].image)
-            except BadRecord:
+                rec = records[index]
+                px = tf(rec.image)
+                if px is None:
+                    skips.add("too_small", rec.key)
+            except BadRecord as bad:
+                skips.add(bad.reason, bad.key)
                 px = None
             if px is not None:
                 out.append(px)
+                continue
+            failed.add(index)  # each bad record is counted once and never drawn again
+            if len(failed) == n:
+                raise none_usable(n)
         return torch.stack(out)
 
     return images
@@ -288,11 +391,19 @@ def train_codec_for(cfg: Config, out: Path | None = None, records=None) -> Path:
     kwargs = dict(resolution=cfg.data.resolution, steps=c.vae_steps, channels=tuple(c.vae_channels),
                   latent_channels=c.vae_latent_channels, seed=cfg.train.seed, name=_records_name(records),
                   latent_noise=c.vae_latent_noise, chroma_weight=c.vae_chroma_weight)
-    images = _vae_images(records, cfg.data.resolution, seed=cfg.train.seed)
+    if getattr(records, "latents", False):
+        raise ValueError(f"data.source=latents: the shards in {cfg.data.path} are already encoded; set codec.* to "
+                         "the codec that encoded them (as encode.json names it) instead of training a VAE")
+    skips = SkipStats()
+    images = _vae_images(records, cfg.data.resolution, seed=cfg.train.seed, skips=skips)
     kwargs["eval_images"] = _vae_images(build_records(cfg.data, "val"), cfg.data.resolution)  # PSNR on held-out
     if out is not None:
-        return train_vae(images, Path(out), **kwargs)
-    return get_or_train_vae(vae_key(cfg, records), images, _cache_root(cfg), **kwargs)
+        path = train_vae(images, Path(out), **kwargs)
+    else:
+        path = get_or_train_vae(vae_key(cfg, records), images, _cache_root(cfg), **kwargs)
+    if skips.total:
+        print(f"VAE training on {_records_name(records)}: {skips.report()}")
+    return path
 
 
 def check_codec(codec, cfg: Config) -> None:
@@ -314,6 +425,17 @@ def prepare_codec(cfg: Config, run_dir: Path, accelerator=None, records=None):
     from .latent_cache import CachedEncoder, LatentCache
 
     main = accelerator is None or accelerator.is_main_process
+    if getattr(records, "latents", False):  # encoded shards: the codec only decodes (samples, evaluation)
+        from .encode import codec_for_latents
+
+        codec, codec_cfg = codec_for_latents(cfg)
+        if codec_cfg.kind == "trained" and main and not (run_dir / "vae" / "codec.json").exists():
+            shutil.copytree(codec_cfg.path, run_dir / "vae.tmp", dirs_exist_ok=True)  # the run stays self-contained
+            os.replace(run_dir / "vae.tmp", run_dir / "vae")
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        codec = codec.to(accelerator.device if accelerator is not None else "cpu")
+        return codec.eval(), lambda keys, latents: latents
     if cfg.codec.kind == "trained":
         local = run_dir / "vae"
         if not (local / "codec.json").exists():
@@ -334,7 +456,8 @@ def prepare_codec(cfg: Config, run_dir: Path, accelerator=None, records=None):
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     codec = codec.to(device).eval()
     cache = None
-    if cfg.data.cache_latents and cfg.data.crop == "center":  # random crops change every epoch
+    streamed = hasattr(records, "records")  # shards at scale: one file per example does not scale; use `encode`
+    if cfg.data.cache_latents and cfg.data.crop == "center" and not streamed:  # random crops change every epoch
         cache = LatentCache(_cache_root(cfg) / "latents", _records_name(records), codec.name, cfg.data.resolution)
     return codec, CachedEncoder(codec, cache)
 
@@ -345,6 +468,10 @@ def load_run_codec(cfg: Config, run_dir: Path):
 
     if cfg.codec.kind == "trained":
         local = Path(run_dir) / "vae"
+        if not local.exists() and cfg.data.source == "latents" and not cfg.codec.path:
+            from .encode import codec_for_latents  # the codec encode.json names (while the data is there)
+
+            return codec_for_latents(cfg)[0]
         path = local if local.exists() else Path(cfg.codec.path)
         return load_codec(replace(cfg.codec, path=str(path)))
     return load_codec(cfg.codec)
@@ -352,26 +479,27 @@ def load_run_codec(cfg: Config, run_dir: Path):
 
 @torch.no_grad()
 def encode_records(records, cfg: Config, tokenizer, codec, n: int, batch_size: int = 32) -> list:
-    """The first ``n`` good records as held-out ``Pair``s: centre crop, first caption, clean latents."""
+    """The first ``n`` good records as held-out ``Pair``s: centre crop, first caption, clean latents
+    (encoded shards already hold both)."""
     from ..metrics.validation import Pair
-    from .sources import BadRecord, ImageTransform
+    from .sources import ImageTransform
 
     tf = ImageTransform(cfg.data.resolution, crop="center")
+    latent_shards = getattr(records, "latents", False)
     pixels, ids = [], []
-    for i in range(len(records)):
+    for rec in iter_records(records):
         if len(pixels) == n:
             break
-        try:
-            rec = records[i]
-        except BadRecord:
-            continue
-        px = tf(rec.image)
+        px = rec.image if latent_shards else tf(rec.image)
         if px is None or not rec.captions:
             continue
         pixels.append(px)
-        ids.append(tokenizer.encode(rec.captions[0])[: cfg.data.max_caption_tokens])
+        ids.append((rec.meta["ids"][0] if latent_shards else tokenizer.encode(rec.captions[0]))
+                   [: cfg.data.max_caption_tokens])
     if not pixels:
         raise ValueError(f"no usable held-out records in {_records_name(records)}")
+    if latent_shards:
+        return [Pair(lat, x) for lat, x in zip(pixels, ids)]
     device = next(codec.parameters()).device
     latents = torch.cat([codec.encode(torch.stack(pixels[i:i + batch_size]).to(device)).float().cpu()
                          for i in range(0, len(pixels), batch_size)])

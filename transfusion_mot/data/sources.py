@@ -1,17 +1,18 @@
 """Real captioned-image sources, the image transform, and the accounting of skipped records (DESIGN §4).
 
-Every source is a map-style dataset of ``Record`` (raw PIL image + captions), so data order is a pure
-function of the index and a run resumes exactly. Problems found while indexing (a metadata line naming
-a missing file, a malformed line) are counted in ``source.skips``; problems found while reading one
-record (unreadable image, empty caption) raise ``BadRecord``, which the pipeline counts and skips.
-A run never dies on one bad record.
+The image folder, COCO and Hugging Face sources are map-style datasets of ``Record`` (raw PIL image +
+captions), so data order is a pure function of the index and a run resumes exactly; webdataset shards are
+streamed (data/streaming.py). Problems found while indexing (a metadata line naming a missing file, a
+malformed line, a line that is not UTF-8) are counted in ``source.skips``; problems found while reading
+one record (unreadable image, empty caption) raise ``BadRecord``, which the pipeline counts and skips.
+A run never dies on one bad record; a source with no usable record at all stops with ``NoUsableData``.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
-import tarfile
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +27,10 @@ from .segments import Record
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 IMAGEFOLDER_FILES = ("metadata.jsonl", "captions.csv", "captions.txt")
 SOURCE_KINDS = ("imagefolder", "coco", "webdataset", "hf")
+
+
+class NoUsableData(ValueError):
+    """A data source has nothing left that training can use; the message says what was skipped and why."""
 
 
 class BadRecord(Exception):
@@ -177,8 +182,13 @@ class ImageFolderSource(torch.utils.data.Dataset):
 
     def _read_jsonl(self, path: Path) -> dict[str, list[str]]:
         entries: dict[str, list[str]] = defaultdict(list)
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    self.skips.add("bad_encoding", f"{path.name}:{lineno}")
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -192,7 +202,8 @@ class ImageFolderSource(torch.utils.data.Dataset):
         return entries
 
     def _read_csv(self, path: Path) -> dict[str, list[str]]:
-        with open(path, newline="", encoding="utf-8") as f:
+        # surrogateescape: a byte that is not UTF-8 stays visible as a surrogate, so only its row is dropped
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
             image_col = next((c for c in ("file_name", "image") if c in columns), None)
@@ -202,6 +213,9 @@ class ImageFolderSource(torch.utils.data.Dataset):
                                  f"({' or '.join(self._text_keys())}); found columns {columns}")
             entries: dict[str, list[str]] = defaultdict(list)
             for row in reader:
+                if _not_utf8(row[image_col]) or _not_utf8(row[text_col]):
+                    self.skips.add("bad_encoding", f"{path.name}:{reader.line_num}")
+                    continue
                 entries[row[image_col]].append(row[text_col] or "")
         return entries
 
@@ -222,14 +236,21 @@ class CocoSource(torch.utils.data.Dataset):
         self.image_dir = _require_path(image_dir, "COCO image folder") if image_dir else self.json_path.parent
         self.name = f"coco:{self.json_path}:{self.image_dir}"
         self.skips = SkipStats()
-        with open(self.json_path, encoding="utf-8") as f:
-            data = json.load(f)
-        missing = [k for k in ("images", "annotations") if k not in data]
+        with open(self.json_path, encoding="utf-8", errors="surrogateescape") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{self.json_path}: not valid JSON ({e})") from e
+        missing = [k for k in ("images", "annotations") if not isinstance(data, dict) or k not in data]
         if missing:
             raise ValueError(f"{self.json_path}: not a COCO captions json, missing key(s) {missing}")
         captions: dict[int, list[str]] = defaultdict(list)
         for ann in data["annotations"]:
-            captions[ann["image_id"]].append(ann.get("caption", ""))
+            caption = ann.get("caption", "")
+            if _not_utf8(caption):  # one bad byte costs its caption, not the data set
+                self.skips.add("bad_encoding", f"{self.json_path.name}: annotation {ann.get('id')}")
+                continue
+            captions[ann["image_id"]].append(caption)
         self.items: list[tuple[str, int, list[str]]] = []
         for img in data["images"]:
             if (self.image_dir / img["file_name"]).is_file():
@@ -245,98 +266,6 @@ class CocoSource(torch.utils.data.Dataset):
         captions = clean_captions(captions, file_name)
         return Record(open_image(self.image_dir / file_name, file_name), captions, key=file_name,
                       meta={"image_id": image_id})
-
-
-def expand_shards(pattern: str | Path) -> list[Path]:
-    """A folder (its ``*.tar``), a glob, or a brace pattern ``shard-{000..009}.tar`` -> sorted shard paths."""
-    from braceexpand import braceexpand
-
-    p = Path(pattern).expanduser()
-    if p.is_dir():
-        shards = sorted(p.glob("*.tar"))
-    else:
-        shards = []
-        for expanded in braceexpand(str(pattern)):
-            e = Path(expanded).expanduser()
-            shards.extend(sorted(e.parent.glob(e.name)) if any(c in e.name for c in "*?[") else [e])
-        missing = [s for s in shards if not s.is_file()]
-        if missing:
-            raise FileNotFoundError(f"webdataset shard(s) not found for {str(pattern)!r}: "
-                                    f"{[str(m) for m in missing[:5]]}")
-    if not shards:
-        raise FileNotFoundError(f"no webdataset shards (*.tar) match {str(pattern)!r}")
-    return [s.resolve() for s in shards]
-
-
-@dataclass
-class _Member:
-    shard: int
-    offset: int  # byte offset of the member's data in the shard file
-    size: int
-
-
-class WebDatasetSource(torch.utils.data.Dataset):
-    """Tar shards in the img2dataset / CC12M layout: ``key.jpg`` + ``key.txt`` or ``key.json`` ("caption").
-
-    The shards' tar headers are read once into an index of byte offsets, so the dataset is map-style:
-    record i is always the same sample, and reading it is one seek per member.
-    """
-
-    def __init__(self, pattern: str | Path):
-        self.shards = expand_shards(pattern)
-        self.name = f"webdataset:{self.shards[0]}" + (f"..{self.shards[-1].name}" if len(self.shards) > 1 else "")
-        self.skips = SkipStats()
-        self.items: list[tuple[str, dict[str, _Member]]] = []
-        for s, shard in enumerate(self.shards):
-            self._index(s, shard)
-
-    def _index(self, s: int, shard: Path) -> None:
-        samples: dict[str, dict[str, _Member]] = {}
-        try:
-            with tarfile.open(shard, mode="r:") as tar:
-                for m in tar:
-                    if not m.isfile():
-                        continue
-                    folder, _, base = m.name.rpartition("/")
-                    stem, dot, ext = base.partition(".")
-                    if not dot:
-                        continue
-                    key = f"{folder}/{stem}" if folder else stem
-                    samples.setdefault(key, {})[ext.lower()] = _Member(s, m.offset_data, m.size)
-        except tarfile.TarError as e:  # a truncated shard keeps what was indexed before the damage
-            self.skips.add("bad_shard", f"{shard.name} ({e})")
-        for key, members in samples.items():
-            if any(ext in members for ext in IMAGE_EXTS):
-                self.items.append((f"{shard.stem}/{key}", members))
-            else:
-                self.skips.add("no_image", f"{shard.stem}/{key}")
-
-    def _read(self, member: _Member) -> bytes:
-        with open(self.shards[member.shard], "rb") as f:  # opened per read: safe in forked workers
-            f.seek(member.offset)
-            return f.read(member.size)
-
-    def _captions(self, key: str, members: dict[str, _Member]) -> tuple[list[str], dict]:
-        meta: dict = {}
-        if "json" in members:
-            try:
-                meta = json.loads(self._read(members["json"]))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BadRecord(key, "unreadable", f"bad json: {e}") from e
-        if "txt" in members:
-            return [self._read(members["txt"]).decode("utf-8", errors="replace")], meta
-        return [meta.get("caption") or ""] if isinstance(meta, dict) else [], meta
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> Record:
-        key, members = self.items[i]
-        captions, meta = self._captions(key, members)
-        captions = clean_captions(captions, key)
-        image_ext = next(ext for ext in IMAGE_EXTS if ext in members)
-        return Record(open_image(self._read(members[image_ext]), key), captions, key=key,
-                      meta=meta if isinstance(meta, dict) else {})
 
 
 class HFSource(torch.utils.data.Dataset):
@@ -395,6 +324,14 @@ class HFSource(torch.utils.data.Dataset):
         return Record(image, captions, key=key)
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _not_utf8(text) -> bool:
+    """True for text read with errors="surrogateescape" that held bytes which are not UTF-8."""
+    return isinstance(text, str) and _SURROGATE.search(text) is not None
+
+
 def _coco_json(path: Path, captions: str) -> tuple[Path, Path | None]:
     """(json, image_dir) for ``coco``: path is the json itself, or the image folder with captions=json."""
     if path.is_file():
@@ -415,15 +352,20 @@ def build_source(kind: str, path: str | Path, captions: str = "", image_column: 
     raw images and ``ImageTransform`` resizes them."""
     if kind not in SOURCE_KINDS:
         raise ValueError(f"unknown data source {kind!r}; choose one of {', '.join(SOURCE_KINDS)} (or shapes)")
-    if kind == "hf":
-        return HFSource(path, image_column=image_column, text_column=text_column)
     if kind == "webdataset":
-        return WebDatasetSource(path)
-    root = _require_path(path, f"{kind} data path")
-    if kind == "imagefolder":
-        return ImageFolderSource(root, captions_file=captions or None, text_column=text_column)
-    json_path, image_dir = _coco_json(root, captions)
-    return CocoSource(json_path, image_dir)
+        from .streaming import ShardSource, expand_shards
+
+        return ShardSource(expand_shards(path))
+    if kind == "hf":
+        source = HFSource(path, image_column=image_column, text_column=text_column)
+    elif kind == "imagefolder":
+        source = ImageFolderSource(_require_path(path, f"{kind} data path"), captions_file=captions or None,
+                                   text_column=text_column)
+    else:
+        source = CocoSource(*_coco_json(_require_path(path, f"{kind} data path"), captions))
+    if len(source) == 0:
+        raise NoUsableData(f"{source.name}: no usable records ({source.skips.report()})")
+    return source
 
 
 def read_all(source, transform: ImageTransform, limit: int | None = None) -> tuple[list[Record], SkipStats]:
@@ -433,16 +375,22 @@ def read_all(source, transform: ImageTransform, limit: int | None = None) -> tup
     """
     skips = SkipStats().merge(getattr(source, "skips", SkipStats()))
     out: list[Record] = []
-    n = len(source) if limit is None else min(limit, len(source))
-    for i in range(n):
-        try:
-            record = source[i]
-        except BadRecord as bad:
-            skips.add(bad.reason, bad.key)
-            continue
+    if hasattr(source, "records"):  # streamed shards: in order, no index
+        records = (rec for rec, _ in zip(source.records(skips), range(limit if limit is not None else 2 ** 62)))
+    else:
+        records = _map_records(source, range(len(source) if limit is None else min(limit, len(source))), skips)
+    for record in records:
         pixels = transform(record.image)
         if pixels is None:
             skips.add("too_small", record.key)
             continue
         out.append(replace(record, image=pixels))
     return out, skips
+
+
+def _map_records(source, indices, skips: SkipStats):
+    for i in indices:
+        try:
+            yield source[i]
+        except BadRecord as bad:
+            skips.add(bad.reason, bad.key)
