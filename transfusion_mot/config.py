@@ -119,7 +119,10 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     resume: str = ""  # "" | "auto" | a checkpoint folder
-    mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "no" | "bf16"
+    overwrite: bool = False  # a new run in a run dir that holds one deletes that run's files first (--overwrite)
+    allow_config_change: bool = False  # resume even if data-order keys changed (--allow-config-change)
+    parallel: str = "auto"  # "auto" (fsdp when accelerate launches with an FSDP config) | "ddp" | "fsdp"
+    mixed_precision: str = "auto"  # "auto" (accelerate launch's flag; else bf16 on CUDA, fp32 on CPU) | "no" | "bf16" | "fp16"
     compile: bool = False
     activation_checkpointing: bool = False
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
@@ -291,7 +294,8 @@ def validate(cfg: Config) -> Config:
     _choice("codec.kind", cfg.codec.kind, ("trained", "diffusers", "taef2"))
     _choice("data.source", d.source, ("shapes", "imagefolder", "coco", "webdataset", "hf"))
     _choice("data.crop", d.crop, ("center", "random"))
-    _choice("train.mixed_precision", t.mixed_precision, ("auto", "no", "bf16"))
+    _choice("train.mixed_precision", t.mixed_precision, ("auto", "no", "bf16", "fp16"))
+    _choice("train.parallel", t.parallel, ("auto", "ddp", "fsdp"))
     positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
                 "model.latent_channels": m.latent_channels, "model.latent_size": m.latent_size,
                 "data.seq_len": d.seq_len, "data.batch_size": d.batch_size, "data.resolution": d.resolution,
