@@ -6,7 +6,7 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
+import time
 
 import pytest
 from conftest import REPO, debug_overrides
@@ -36,31 +36,26 @@ def test_new_run_in_a_run_dir_refuses_and_overwrite_starts_over(tmp_path, debug_
     assert "--overwrite: removed" in capsys.readouterr().out
 
 
-HOLD = textwrap.dedent("""
-    import sys, time
-    from pathlib import Path
-    from transfusion_mot.components.rundir import RunLock
-    RunLock(Path(sys.argv[1]) / ".lock").acquire()
-    print("HELD", flush=True)
-    time.sleep(120)
-""")
-
-
-def test_second_run_refuses_while_the_first_holds_the_lock(tmp_path, debug_vae):
+def test_second_run_refuses_while_the_first_holds_the_lock(tmp_path, debug_vae, capsys):
     run = tmp_path / "run"
-    run.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    first = [sys.executable, "-m", "transfusion_mot.train", "--config", DEBUG, "--no-eval",
+             *debug_overrides(run, "train.steps=100000", "train.log_every=1", "train.save_every=0")]
+    holder = subprocess.Popen(first, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     try:
-        assert holder.stdout.readline().strip() == "HELD"
+        deadline = time.time() + 300
+        while "loss_lm" not in ((run / "metrics.jsonl").read_text() if (run / "metrics.jsonl").exists() else ""):
+            assert time.time() < deadline and holder.poll() is None, "the first run did not start training"
+            time.sleep(0.2)
         with pytest.raises(RunDirError) as refused:
-            _train(run, "train.steps=1")
+            _train(run, "train.steps=1", "train.resume=auto")
         assert f"pid {holder.pid} on host {socket.gethostname()}" in str(refused.value)
-        assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+        assert not (run / "checkpoints").exists()  # the second run wrote nothing
     finally:
         holder.kill()
         holder.wait()
-    _train(run, "train.steps=1")  # the holder died: its lock is free
+    _train(run, "train.steps=1", "train.resume=auto")  # the holder died: its lock is free
+    assert f"took over the stale lock of pid {holder.pid}" in capsys.readouterr().out
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, debug_vae, capsys):

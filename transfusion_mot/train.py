@@ -66,7 +66,10 @@ def setup_model(cfg: Config, vocab_size: int, engine: Engine):
         for block in model.backbone.blocks:
             block.compile(dynamic=True)
     model = engine.prepare_model(model)  # FSDP2 replaces the parameters: the optimizer comes after
-    opt = build_optimizer(engine.unwrap_model(model), cfg.optim, fused=torch.cuda.is_available())
+    # fused AdamW: one kernel per step. On DTensors the foreach path dispatches every op through DTensor
+    # (measured at the debug size on 2 CPU processes: 46 ms per step against 2.5 ms fused).
+    fused = torch.cuda.is_available() or engine.mode == "fsdp"
+    opt = build_optimizer(engine.unwrap_model(model), cfg.optim, fused=fused)
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps)
     return model, opt, sched
 

@@ -20,8 +20,11 @@ reader unpickles: resuming a copied run would run its code (the issue this repla
 header, and HuggingFaceStorageReader rebuilds the metadata from those headers, so loading reads tensors
 and JSON only (a crafted ``.metadata`` pickle in the folder is never opened: tested). It reshards too (a
 two-process checkpoint loads into one process), and it holds tensors only, so the rest (optimizer
-hyper-parameters, counters, loss scale, python/numpy RNG) is JSON. Cost measured at the debug size:
-a save is dominated by process start-up, not by the format (``eval/bench_fsdp.py`` times steps with saves off).
+hyper-parameters, counters, loss scale, python/numpy RNG) is JSON. Cost, measured for the ``small`` size
+(9.9M parameters, 119 MB with Adam's moments) in one process on the 2-core VM under load: save 5.8-6.1 s,
+0.5 s of it hashing for the manifest, against 0.9-2.6 s for ``torch.save`` of the same state (the
+safetensors writer serialises each file in memory before writing it); verify 0.5 s, load 3.9-5.9 s. A
+checkpoint every few hundred steps affords that; on N ranks each writes and hashes only its share.
 """
 from __future__ import annotations
 

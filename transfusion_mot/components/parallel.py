@@ -126,16 +126,18 @@ class Engine(Accelerator):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if not dist.is_initialized():  # one process without a launcher: a group of one
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
             self._own_group = True
         mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
         # The model returns views (reshapes of its outputs) and nothing modifies them in place: FSDP2's
         # warning about in-place ops on such views does not apply.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
-        for block in model.backbone.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard)
-        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard)
+        blocks = model.backbone.blocks
+        for i, block in enumerate(blocks):  # the last block's weights are needed again at once by backward
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard and i < len(blocks) - 1)
+        fully_shard(model, mesh=mesh, mp_policy=policy)  # FSDP2 keeps the root unsharded between forward and backward
         return model
 
     def unwrap_model(self, model, *args, **kwargs):
@@ -168,8 +170,24 @@ class Engine(Accelerator):
         params = [p for p in parameters if p.grad is not None]
         if self.scaler is not None:
             self.scaler.unscale_(params)
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"), norm_type)
-        return full(norm).float().cpu()
+        if self.mode == "fsdp":
+            return _sharded_clip(params, max_norm).cpu()
+        return torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"), norm_type).float().cpu()
+
+
+def _sharded_clip(params: list, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ (L2, same formula) on the local shards with one all-reduce: every element of
+    an FSDP2 parameter lives on exactly one rank, so the squared norms add up. On DTensors, torch's version
+    dispatches every op through DTensor (measured: 9 ms against 1 ms per step at the debug size on CPU)."""
+    import torch.distributed as dist
+
+    grads = [local(p.grad) for p in params]
+    squares = torch.stack([n.float() for n in torch._foreach_norm(grads)]).pow(2).sum()
+    dist.all_reduce(squares)
+    total = squares.sqrt()
+    if max_norm:
+        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
 
 
 @contextlib.contextmanager
