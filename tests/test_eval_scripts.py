@@ -13,8 +13,9 @@ EVAL = REPO / "eval"
 
 
 def _run(script: str, *args, ok: bool = True) -> subprocess.CompletedProcess:
+    path = os.pathsep.join([str(EVAL), os.environ.get("PYTHONPATH", "")])  # keeps a checkout's PYTHONPATH
     res = subprocess.run([sys.executable, str(EVAL / script), *map(str, args)], cwd=REPO, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(EVAL)}, timeout=300)
+                         text=True, env={**os.environ, "PYTHONPATH": path}, timeout=300)
     if ok:
         assert res.returncode == 0, res.stderr[-3000:]
     return res

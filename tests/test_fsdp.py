@@ -43,10 +43,12 @@ def _setup(run: Path) -> dict:
 
 
 def test_fsdp_in_one_process_matches_ddp_and_resumes_exactly(tmp_path, debug_vae):
-    """fully_shard over a group of one: DTensor parameters, sharded EMA, DCP checkpoints, gathered export."""
+    """fully_shard over a group of one: DTensor parameters, sharded EMA, gradient accumulation without
+    gradient sync, DCP checkpoints, the gathered export."""
     def run(name, *extra):
         cfg = load_config(DEBUG, debug_overrides(tmp_path / name, "train.steps=4", "train.log_every=1",
-                                                 "train.save_every=2", "train.ema_decay=0.9", *extra))
+                                                 "train.save_every=2", "train.ema_decay=0.9", "train.grad_accum=2",
+                                                 "data.batch_size=2", *extra))
         return train(cfg, evaluate_at_end=False)
 
     ddp = run("ddp")

@@ -120,7 +120,8 @@ class Engine(Accelerator):
         return self._shard(model.to(self.device))
 
     def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        """fully_shard per Block, then the root: one all-gather per block in forward and backward."""
+        """fully_shard per Block, then the root: each block's weights are all-gathered for its forward and
+        again for its backward (the last block's are kept), its gradients reduce-scattered."""
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
