@@ -58,3 +58,23 @@ def main_vae() -> Path:
     from transfusion_mot.data.pipeline import train_codec_for
 
     return train_codec_for(load_config(str(REPO / "configs" / "main.yaml"), [MAIN_VAE_STEPS]))
+
+
+@pytest.fixture(scope="session")
+def debug_vae() -> Path:
+    """The debug config's VAE, trained once per session into the session's cache. Training runs that are
+    compared with each other take it first: a run that trains the VAE draws from the global RNG before the
+    model's initialisation and a run that finds it cached does not, so they would start from different weights."""
+    from transfusion_mot.config import load_config
+    from transfusion_mot.data.pipeline import train_codec_for
+
+    return train_codec_for(load_config(str(REPO / "configs" / "debug.yaml")))
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for one 2-process launch (others run such tests concurrently)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

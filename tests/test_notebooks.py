@@ -40,17 +40,8 @@ def test_committed_without_outputs(path):
     assert not dirty, f"{path.name}: code cells {dirty} keep outputs or execution counts; strip them before committing"
 
 
-@pytest.fixture(scope="session")
-def debug_vae() -> Path:
-    """Train (or find) the debug config's VAE in the shared cache, so no notebook pays for it."""
-    from transfusion_mot.config import load_config
-    from transfusion_mot.data.pipeline import train_codec_for
-
-    return train_codec_for(load_config(str(REPO / "configs" / "debug.yaml")))
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, debug_vae, tmp_path, monkeypatch):
+def test_notebook_runs(path, debug_vae, tmp_path, monkeypatch):  # debug_vae (conftest): no notebook pays for it
     from nbclient import NotebookClient
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's tempfile.mkdtemp (the notebook's runs) lands here

@@ -2,6 +2,7 @@
 sources, and the main job's command (with a small budget) writing every file it promises."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MAIN_VAE_STEPS, REPO, debug_overrides
+from conftest import MAIN_VAE_STEPS, REPO, debug_overrides, free_port
 from PIL import Image as PILImage
 from safetensors.torch import load_file
 
@@ -37,7 +38,7 @@ def _run(out, *extra) -> Path:
     return train(cfg, evaluate_at_end=False)
 
 
-def test_exact_resume(tmp_path):
+def test_exact_resume(tmp_path, debug_vae):
     straight = _run(tmp_path / "a", "train.steps=6", "train.ema_decay=0.9")
     _run(tmp_path / "b", "train.steps=6", "train.stop_after=3", "train.ema_decay=0.9")
     assert [s for s, *_ in _losses(tmp_path / "b")] == [1, 2, 3]
@@ -51,7 +52,7 @@ def _env():
     return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, debug_vae):
     # 3 steps: the third loss is the first to see an lr from the schedule after a step (accelerate steps a
     # prepared scheduler once per process unless told not to; see build_accelerator).
     common = debug_overrides("X", "train.steps=3", "train.log_every=1", "train.save_every=3")
@@ -60,7 +61,7 @@ def test_two_processes_match_one(tmp_path):
     subprocess.run([PY, "-m", "transfusion_mot.train", "--config", DEBUG, "--no-eval", *one],
                    check=True, env=_env(), cwd=REPO, capture_output=True)
     res = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                           "-m", "transfusion_mot.train", "--config", DEBUG, "--no-eval", *two],
                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -68,7 +69,7 @@ def test_two_processes_match_one(tmp_path):
     assert len(a) == len(b) == 3
     for (sa, la, fa), (sb, lb, fb) in zip(a, b):
         assert sa == sb and abs(la - lb) < 1e-5 and abs(fa - fb) < 1e-5
-    assert (tmp_path / "two" / "checkpoints" / "step_000003" / "random_states_1.pkl").exists()  # both ranks
+    assert (tmp_path / "two" / "checkpoints" / "step_000003" / "rng" / "rank_1.safetensors").exists()  # both ranks
     # the two-process checkpoint resumes in one process (same global batch)
     more = [a.replace("X", str(tmp_path / "two")) for a in debug_overrides("X", "train.steps=4")] + [
         "data.batch_size=4", "train.resume=auto"]
@@ -80,15 +81,15 @@ def test_two_processes_match_one(tmp_path):
 
 SLOW_SAVE = textwrap.dedent("""
     import sys, time
-    import accelerate
-    original = accelerate.Accelerator.save_state
-    def slow(self, output_dir=None, **kw):
-        out = original(self, output_dir, **kw)
-        if "step_000004" in str(output_dir):
+    from transfusion_mot.components import checkpoint
+    original = checkpoint._write_rng
+    def slow(folder, rank):
+        out = original(folder, rank)
+        if "step_000004" in str(folder):
             print("SAVING", flush=True)
-            time.sleep(60)  # killed here: the files are in step_000004.tmp, not yet renamed
+            time.sleep(60)  # killed here: the shards are in step_000004.tmp, not yet renamed
         return out
-    accelerate.Accelerator.save_state = slow
+    checkpoint._write_rng = slow
     from transfusion_mot.train import main
     main(sys.argv[1:])
 """)
@@ -162,3 +163,25 @@ def test_main_job_command_writes_everything(tmp_path, main_vae):
     assert 0 <= results["prompt_following_chance"] < results["prompt_following_codec"] <= 1
     assert "prompt-following" in res.stdout and "report:" in res.stdout  # the summary table
     assert "vae (" not in res.stderr  # the session's main-job VAE was reused from the cache, not retrained
+
+
+def test_ctrl_c_saves_like_sigterm(tmp_path, debug_vae):
+    from transfusion_mot.components.checkpoint import verify
+
+    run = tmp_path / "run"
+    args = ["--config", DEBUG, "--no-eval", *debug_overrides(run, "train.steps=500", "train.log_every=1",
+                                                              "train.save_every=0")]
+    proc = subprocess.Popen([PY, "-m", "transfusion_mot.train", *args], env=_env(), cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len(_losses(run)) >= 2:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    saved = re.search(r"SIGINT: saved step (\d+) and stopped", out)
+    assert saved, out
+    ckpt = run / "checkpoints" / f"step_{int(saved.group(1)):06d}"
+    assert verify(ckpt) is None and _losses(run)[-1][0] == int(saved.group(1))

@@ -23,7 +23,7 @@ def cmd_main(args: argparse.Namespace) -> None:
     from .config import load_config
     from .train import Stop, train
 
-    cfg = load_config(find_config(args.config), args.overrides)
+    cfg = load_config(find_config(args.config), args.overrides + ["train.overwrite=true"] * args.overwrite)
     try:
         run_dir = train(cfg)
     except Stop as e:
@@ -37,6 +37,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     argv = (["--config", find_config(args.config)] if args.config else []) + args.overrides
     if args.resume:
         argv += ["--resume", args.resume]
+    argv += ["--overwrite"] * args.overwrite + ["--allow-config-change"] * args.allow_config_change
     train_main(argv + (["--no-eval"] if args.no_eval else []))
 
 
@@ -129,12 +130,15 @@ def main(argv: list[str] | None = None) -> None:
 
     s = sub.add_parser("main", help="the main job: train on shapes, sample, evaluate, report")
     s.add_argument("--config", default="main")
+    s.add_argument("--overwrite", action="store_true", help="start over in a run dir that holds a run")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_main)
 
     s = sub.add_parser("train", help="train (same as python -m transfusion_mot.train)")
     s.add_argument("--config", default=None)
     s.add_argument("--resume", default=None)
+    s.add_argument("--overwrite", action="store_true", help="start over in a run dir that holds a run")
+    s.add_argument("--allow-config-change", action="store_true", help="resume even if the data order changes")
     s.add_argument("--no-eval", action="store_true")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_train)

@@ -123,7 +123,10 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     resume: str = ""  # "" | "auto" | a checkpoint folder
-    mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "no" | "bf16"
+    overwrite: bool = False  # a new run in a run dir that holds one deletes that run's files first (--overwrite)
+    allow_config_change: bool = False  # resume even if data-order keys changed (--allow-config-change)
+    parallel: str = "auto"  # "auto" (fsdp when accelerate launches with an FSDP config) | "ddp" | "fsdp"
+    mixed_precision: str = "auto"  # "auto" (accelerate launch's flag; else bf16 on CUDA, fp32 on CPU) | "no" | "bf16" | "fp16"
     compile: bool = False
     activation_checkpointing: bool = False
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
@@ -345,7 +348,8 @@ def validate(cfg: Config) -> Config:
     _choice("codec.kind", cfg.codec.kind, ("trained", "diffusers", "taef2"))
     _choice("data.source", d.source, ("shapes", "imagefolder", "coco", "webdataset", "hf", "latents"))
     _choice("data.crop", d.crop, ("center", "random"))
-    _choice("train.mixed_precision", t.mixed_precision, ("auto", "no", "bf16"))
+    _choice("train.mixed_precision", t.mixed_precision, ("auto", "no", "bf16", "fp16"))
+    _choice("train.parallel", t.parallel, ("auto", "ddp", "fsdp"))
     if s.scheduler not in SCHEDULERS:
         raise ConfigError(f"sample.scheduler={s.scheduler!r} is not one of {SCHEDULERS}: sampling takes only a "
                           f"scheduler's sigma grid and integrates with Euler steps, so schedulers that need their "

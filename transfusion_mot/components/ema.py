@@ -1,39 +1,50 @@
-"""Exponential moving average of the weights, checkpointed with everything else."""
+"""Exponential moving average of the weights, held the way the model holds them."""
 from __future__ import annotations
-
-import copy
 
 import torch
 
+from .parallel import local
 
-class EMA(torch.nn.Module):
-    """Holds a frozen copy of the model; ``update`` blends the live weights in after every step.
+
+class EMA:
+    """Shadow weights, one tensor per parameter: the local shard of each FSDP2 DTensor (created after
+    sharding, updated shard-wise, gathered only to evaluate or export) or the whole tensor under DDP.
+    ``update`` blends the live weights in after every optimizer step.
 
     The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after n updates (timm, diffusers), so a
     short run's average is not dominated by the random initial weights (0.995^200 would still be 37%).
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        super().__init__()
         self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self.params = dict(model.named_parameters())  # the live (possibly sharded) parameters
+        self.shadow = {n: local(p).detach().clone() for n, p in self.params.items()}
+        self.updates = 0
 
     def current_decay(self) -> float:
-        n = int(self.updates)
+        n = self.updates
         return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        ema_params = list(self.model.parameters())
-        live = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
-        torch._foreach_lerp_(ema_params, live, 1.0 - self.current_decay())
+    def update(self) -> None:
+        names = list(self.shadow)
+        live = [local(self.params[n]).detach().to(self.shadow[n].dtype) for n in names]
+        torch._foreach_lerp_([self.shadow[n] for n in names], live, 1.0 - self.current_decay())
         self.updates += 1
 
-    def state_dict(self, *args, **kwargs):  # accelerate's register_for_checkpointing protocol
-        return {**self.model.state_dict(), "_ema_updates": self.updates.clone()}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Shadow weights under the parameters' names, as DTensors laid out like the live ones when
+        sharded (what distributed checkpointing saves and loads shard by shard)."""
+        from torch.distributed.tensor import DTensor
 
-    def load_state_dict(self, state, strict: bool = True):
-        state = dict(state)
-        self.updates.copy_(state.pop("_ema_updates", torch.zeros((), dtype=torch.long)))
-        return self.model.load_state_dict(state, strict=strict)
+        out = {}
+        for n, p in self.params.items():
+            s = self.shadow[n]
+            out[n] = DTensor.from_local(s, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()) \
+                if isinstance(p, DTensor) else s
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for n, t in state.items():
+            self.shadow[n].copy_(local(t))

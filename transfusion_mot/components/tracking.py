@@ -23,15 +23,22 @@ class MetricsLog:
             f.write(json.dumps({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the file reads as one run."""
+        """On resume, drop lines logged after the checkpoint (and a final evaluation's, which came after
+        the last checkpoint) so the file reads as one run."""
         if self.enabled and self.path.exists():
-            keep = [r for r in self.read() if r.get("step", 0) <= step]
+            keep = [r for r in self.read() if r.get("step", 0) <= step and not r.get("final")]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # blank, or the half line of a process killed while writing it
+                pass
+        return rows
 
 
 def plot_losses(records: list[dict], out: str | Path, title: str = "") -> Path:
