@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .data.packing import IMAGE, TEXT, Batch, Specials
 from .data.segments import Image, Text
 from .flow import cfg_velocity, euler_sample, time_grid
-from .model.masks import transfusion_mask
+from .model.masks import flex_block_mask, transfusion_mask
 from .model.mot import KVCache
 
 
@@ -41,16 +41,21 @@ class Context:
         self.img = torch.zeros(n_rows, 0, dtype=torch.long, device=device)
         self.next_pos = torch.zeros(n_rows, dtype=torch.long, device=device)  # RoPE position of the next token
         self.n_images = 0  # image ids handed out so far (unique per context)
+        self._image_mask: tuple = (None, None)  # (key, mask) of the flow steps' queries
 
     @property
     def length(self) -> int:
         return self.doc.shape[1]
 
     def _mask(self, q_doc, q_img):
+        """New queries against cached + new keys: the training rule, as a BlockMask when the model runs
+        flex attention (``model.attention``), else SDPA's boolean mask."""
         t_new = q_doc.shape[1]
-        cols = torch.arange(self.length + t_new, device=self.device).expand(self.n_rows, -1)
         k_doc = torch.cat([self.doc, q_doc], 1)
         k_img = torch.cat([self.img, q_img], 1)
+        if self.model.uses_flex(self.device):
+            return flex_block_mask(q_doc, q_img, k_doc, k_img, q_offset=self.length)
+        cols = torch.arange(self.length + t_new, device=self.device).expand(self.n_rows, -1)
         return transfusion_mask(q_doc, q_img, cols[:, self.length:], k_doc, k_img, cols)
 
     def _batch(self, tokens, modality, doc, img, latents, t) -> Batch:
@@ -120,7 +125,10 @@ class Context:
         batch = self._batch(tokens, torch.full_like(tokens, IMAGE), doc, img, x, t)
         frozen = KVCache(len(self.cache.k), frozen=True)
         frozen.k, frozen.v = self.cache.k, self.cache.v
-        return self.model(batch, mask=self._mask(doc, img), cache=frozen).velocity
+        key = (self.length, self.n_images, n)  # every flow step of one image attends alike: one mask
+        if self._image_mask[0] != key:
+            self._image_mask = (key, self._mask(doc, img))
+        return self.model(batch, mask=self._image_mask[1], cache=frozen).velocity
 
 
 # --------------------------------------------------------------------------------------------------

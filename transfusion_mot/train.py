@@ -63,11 +63,20 @@ def setup_model(cfg: Config, vocab_size: int, accelerator: Accelerator):
         untie_from_dense(model, dense)
     model.backbone.checkpointing = cfg.train.activation_checkpointing
     if cfg.train.compile:
-        for block in model.backbone.blocks:
-            block.compile(dynamic=True)
+        compile_blocks(model)
     opt = build_optimizer(model, cfg.optim, fused=torch.cuda.is_available())
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps)
     return model, opt, sched
+
+
+def compile_blocks(model, backend: str = "inductor") -> None:
+    """``torch.compile`` every block, whole: routing is computed once per batch outside the blocks and
+    passed in (its host syncs stay out of the graph), so a MoT or dense block is one graph with no break
+    (``fullgraph``), shared by every layer, and dynamic in the group sizes that change from batch to
+    batch. MoE's data-dependent expert routing may break its graph, so it is not forced to be whole."""
+    fullgraph = model.cfg.arch != "moe"
+    for block in model.backbone.blocks:
+        block.compile(backend=backend, fullgraph=fullgraph, dynamic=True)
 
 
 def micro_batches(stream: BatchStream, n: int, device) -> list:
