@@ -6,7 +6,9 @@
 
 The Inception (or feature) weights are checked before anything is generated: offline and missing, the
 script stops with the file name, where to put it and the flag. Generation is batched, seeded and
-resumable (existing images are kept).
+resumable (existing images are kept), on ``--device`` (default: CUDA when present) in ``--dtype``, and
+splits across processes under ``accelerate launch --num_processes N eval/fid.py ...`` (each process its
+share of the prompts, images written by index; the first process computes the score).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import add_generation_args, generate_missing, md_table, read_prompts, write_results
+from common import add_generation_args, generate_missing, load_pipeline, md_table, process_state, read_prompts, write_results
 
 from transfusion_mot.metrics import MissingWeights
 
@@ -41,12 +43,13 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {e}")
     if not list_images(args.ref_dir):
         raise SystemExit(f"error: no images in --ref-dir {args.ref_dir}")
-    from transfusion_mot import from_pretrained
-
     prompts = read_prompts(args.prompts, args.n)
     out = Path(args.out)
-    pipe = from_pretrained(args.ckpt)
-    paths = generate_missing(pipe, prompts, out / "images", args.steps, args.cfg, args.seed, args.batch_size)
+    state = process_state()
+    pipe = load_pipeline(args, state)
+    paths = generate_missing(pipe, prompts, out / "images", args.steps, args.cfg, args.seed, args.batch_size, state)
+    if not state.is_main_process:
+        return
     if args.features:
         score = compute_fd(paths, args.ref_dir, extractor)
         name, value = score.name, score.value

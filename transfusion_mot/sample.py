@@ -13,6 +13,7 @@ sequence every step; the two agree to float precision (tested).
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -134,11 +135,18 @@ class Context:
 # --------------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------------
-def _check_args(steps: int, cfg_scale: float) -> None:
+SEED_STRIDE = 1_000_003  # image k of a job with seed s draws its noise from generator seed s * SEED_STRIDE + k
+MAX_SEED = (2 ** 63 - 1) // SEED_STRIDE - 1  # so that every image's seed fits torch's 64-bit generator seed
+
+
+def _check_args(steps: int, cfg_scale: float, seed: int = 0) -> None:
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
-    if cfg_scale < 0:
-        raise ValueError(f"cfg_scale={cfg_scale} must be >= 0 (1 = no guidance, 0 = unconditional)")
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise ValueError(f"cfg_scale={cfg_scale} must be a finite number >= 0 (1 = no guidance, 0 = unconditional)")
+    if not -MAX_SEED <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed} must lie in [-{MAX_SEED}, {MAX_SEED}]: image k's noise comes from seed * "
+                         f"{SEED_STRIDE} + k, which must fit a 64-bit generator seed")
 
 
 def time_steps(steps: int, scheduler: str = "euler", shift: float = 1.0) -> list[float]:
@@ -225,7 +233,7 @@ def generate_images(model, prompt_ids: list[list[int]], specials: Specials, step
     """Latents (len(prompts) * n_per_prompt, C, h, w), prompt-major. Image k's noise is seeded by
     ``seed * 1_000_003 + first_index + k``: the same seed gives the same images whatever the batch size,
     and a long job can be generated in pieces (``first_index``) with the same result."""
-    _check_args(steps, cfg_scale)
+    _check_args(steps, cfg_scale, seed)
     if not prompt_ids:
         raise ValueError("no prompts given")
     if batch_size < 1:
@@ -240,7 +248,7 @@ def generate_images(model, prompt_ids: list[list[int]], specials: Specials, step
     bar = tqdm(total=len(jobs), desc="images", disable=not progress)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        seeds = [seed * 1_000_003 + first_index + start + k for k in range(len(chunk))]
+        seeds = [seed * SEED_STRIDE + first_index + start + k for k in range(len(chunk))]
         noise = _initial_noise(shape, seeds, device)
         ids = [prompt_ids[i] for i, _ in chunk]
         out.append(sample_latents(model, ids, specials, noise, steps, cfg_scale, scheduler, shift, use_cache))
@@ -335,7 +343,7 @@ def generate_interleaved(model, prompt_ids: list[int], specials: Specials, max_n
     """One document: text until the model emits BOI, then an image by flow (conditioned on everything
     so far; CFG against the unconditional ``BOS, BOI``), its clean latents appended, then text again.
     A prompt ending in BOI starts with an image. Returns segments ``[Text, Image, Text, ...]``."""
-    _check_args(steps, cfg_scale)
+    _check_args(steps, cfg_scale, seed)
     device = next(model.parameters()).device
     model.eval()
     cfg = model.cfg
@@ -351,7 +359,7 @@ def generate_interleaved(model, prompt_ids: list[int], specials: Specials, max_n
         if pending_image:
             if text:
                 segments.append(Text(text))
-            latent = _image_in_context(ctx, specials, shape, steps, cfg_scale, seed * 1_000_003 + n_images, device)
+            latent = _image_in_context(ctx, specials, shape, steps, cfg_scale, seed * SEED_STRIDE + n_images, device)
             segments.append(Image(latent[0].cpu()))
             n_images += 1
             logits = ctx.feed_image(latent, specials.eoi, specials.pad)

@@ -8,6 +8,7 @@ process computes on the same global batch.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import signal
 import sys
@@ -24,7 +25,7 @@ from .components.checkpoint import TrainState, export_model, resolve_resume, sav
 from .components.ema import EMA
 from .components.optim import build_optimizer, build_scheduler
 from .components.tracking import MetricsLog, plot_losses
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 from .data.packing import IGNORE, Specials
 from .data.pipeline import BatchStream, ExampleSource, build_records
 from .model import build_model, untie_from_dense
@@ -119,7 +120,19 @@ class _nullcontext:
         return False
 
 
+def check_attention(cfg: Config) -> None:
+    """``model.attention=flex`` where this torch cannot run it is a config error, before any work."""
+    if cfg.model.attention != "flex":
+        return
+    try:
+        importlib.import_module("torch.nn.attention.flex_attention")  # torch >= 2.5
+    except ImportError:
+        raise ConfigError(f"model.attention=flex: this torch ({torch.__version__}) has no flex attention "
+                          "(torch.nn.attention.flex_attention, torch >= 2.5); use model.attention=sdpa") from None
+
+
 def train(cfg: Config, evaluate_at_end: bool = True) -> Path:
+    check_attention(cfg)
     run_dir = Path(cfg.train.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = build_accelerator(cfg, run_dir)
@@ -245,6 +258,8 @@ def _eval_model(ema: EMA | None, model, accelerator: Accelerator):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The entry ``accelerate launch -m transfusion_mot.train`` runs: config and data errors end in one line
+    (``error: ...``, exit 2) on every rank, as through the ``transfusion-mot`` command."""
     parser = argparse.ArgumentParser(prog="transfusion_mot.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML file in configs/")
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint folder (= train.resume)")
@@ -252,12 +267,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.dim=64 train.steps=100")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    cfg = load_config(args.config, overrides)
     try:
+        cfg = load_config(args.config, overrides)
         train(cfg, evaluate_at_end=not args.no_eval)
     except Stop as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError and bad data: named in one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
