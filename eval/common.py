@@ -131,8 +131,11 @@ def process_state():
     """accelerate's view of this process: rank and world size under ``accelerate launch`` (one process
     otherwise), its device (``cuda:<local rank>`` on GPUs, else CPU) and a barrier."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    return PartialState()
+    # on a machine without CUDA (or with ACCELERATE_USE_CPU=1, as accelerate's own Accelerator reads it) the
+    # processes join over gloo; PartialState alone would leave each one on its own
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
 
 
 def load_pipeline(args, state=None):

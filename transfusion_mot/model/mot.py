@@ -7,6 +7,7 @@ Norm placement ``pre`` (Llama style):               H = X + O(attn(QKV(Norm_attn
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -178,12 +179,23 @@ class Block(nn.Module):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-    """SDPA with a boolean or additive mask, or flex attention when given a BlockMask."""
+    """SDPA with a boolean or additive mask, or flex attention when given a BlockMask. On CUDA outside a
+    compiled block, flex runs compiled on its own (eager flex materialises the whole score matrix)."""
     if isinstance(mask, torch.Tensor) or mask is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     from torch.nn.attention.flex_attention import flex_attention
 
+    if q.is_cuda and not torch.compiler.is_compiling():
+        return _compiled_flex()(q, k, v, block_mask=mask)
     return flex_attention(q, k, v, block_mask=mask)
+
+
+@functools.cache
+def _compiled_flex():
+    """flex_attention compiled once per process (torchtitan does the same): its fused kernel on CUDA."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
 
 
 class Backbone(nn.Module):
