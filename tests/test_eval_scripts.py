@@ -14,7 +14,8 @@ EVAL = REPO / "eval"
 
 def _run(script: str, *args, ok: bool = True) -> subprocess.CompletedProcess:
     res = subprocess.run([sys.executable, str(EVAL / script), *map(str, args)], cwd=REPO, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(EVAL)}, timeout=300)
+                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(EVAL), os.environ.get(
+                             "PYTHONPATH", "")])}, timeout=300)  # and a checkout's own PYTHONPATH after it
     if ok:
         assert res.returncode == 0, res.stderr[-3000:]
     return res

@@ -54,7 +54,7 @@ class Context:
         t_new = q_doc.shape[1]
         k_doc = torch.cat([self.doc, q_doc], 1)
         k_img = torch.cat([self.img, q_img], 1)
-        if self.model.uses_flex(self.device):
+        if getattr(self.model, "uses_flex", lambda device: False)(self.device):  # stand-in models: SDPA
             return flex_block_mask(q_doc, q_img, k_doc, k_img, q_offset=self.length)
         cols = torch.arange(self.length + t_new, device=self.device).expand(self.n_rows, -1)
         return transfusion_mask(q_doc, q_img, cols[:, self.length:], k_doc, k_img, cols)

@@ -7,7 +7,7 @@ i (causal text) or both are patches of the same image (bidirectional inside an i
 Two realisations of the same rule: a boolean tensor for SDPA (any device; the backbone turns it into
 SDPA's additive form once per batch, ``additive_mask``) and a flex-attention ``BlockMask`` (the default on
 CUDA, ``model.attention=flex`` anywhere). ``tests/test_masks.py`` checks that they agree on CPU, eager and
-compiled. What torch (2.5 to 2.14) runs: flex forward on CUDA and CPU, eager and under ``torch.compile``;
+compiled. What torch 2.14 runs: flex forward on CUDA and CPU, eager and under ``torch.compile``;
 flex backward on CUDA only (on CPU it raises NotImplementedError), so a CPU step that needs gradients runs
 SDPA over the same mask, materialised from the BlockMask (``flex_backward_runs``, ``dense_mask``).
 """
