@@ -8,12 +8,18 @@ caption->image documents with as many text tokens as image patches. Three models
 * ``floor`` - a plain pre-norm transformer written below (fused QKV, RoPE, SDPA with the same boolean
   mask, SwiGLU of the same hidden size): what the dense step should cost without our abstractions.
 
-The three models run interleaved inside every repetition (the order rotates) so that drift in a
-shared machine's speed hits all of them alike; the reported numbers are medians after warm-up.
+The models run interleaved inside every repetition (the order rotates) so that drift in a shared
+machine's speed hits all of them alike; the reported numbers are medians after warm-up.
 Goals (issue 4): MoT/dense <= 1.10 and dense/floor <= 1.15. A failed goal adds a profile of the
 slowest ops of each model to the markdown.
 
+``--compile`` adds MoT and dense with every block compiled as training compiles them
+(``train.compile_blocks``: whole-block graphs, routing as an input). Goals (issue 19): compiled MoT /
+compiled dense <= 1.05 and compiled dense <= eager dense, at the issue's shapes ``256x4`` and ``512x8``
+(dim x layers, batch 8 x 100 tokens: documents of 32 caption tokens + 4 markers and 64 image patches).
+
     python eval/bench_backbone.py [--sizes debug small] [--reps 0 (auto)] [--warmup 3] [--threads N]
+    python eval/bench_backbone.py --sizes 256x4 512x8 --compile --name bench_backbone_compile
 """
 from __future__ import annotations
 
@@ -41,7 +47,15 @@ from transfusion_mot.model.transfusion import backbone_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPECIALS = Specials(bos=256, eos=257, pad=258, boi=259, eoi=260)
-GOALS = {"mot_over_dense": 1.10, "dense_over_floor": 1.15}
+GOALS = {"mot_over_dense": 1.10, "dense_over_floor": 1.15,
+         "compiled_mot_over_dense": 1.05, "compiled_dense_over_eager": 1.0}
+# Benchmark shapes beyond the named sizes: config overrides, rows, seq_len, caption tokens per document.
+SHAPES = {
+    "256x4": (["model.dim=256", "model.n_layers=4", "model.n_heads=4"], 8, 100, 32),
+    "512x8": (["model.dim=512", "model.n_layers=8", "model.n_heads=8"], 8, 100, 32),
+}
+SHAPE_MODEL = ["model.latent_channels=4", "model.latent_size=16", "model.patch_size=2", "data.resolution=64",
+               "data.seq_len=100", "data.max_caption_tokens=32"]
 STEP_BUDGET_S = 4.0  # default timed steps per model: this many seconds' worth (debug ~130 steps, small 30)
 MOT_OVERHEAD = (
     "At `debug` (2 layers, D=64, 2048 tokens) MoT runs each per-modality projection, FFN and norm as two "
@@ -112,26 +126,34 @@ class Floor(nn.Module):
 
 
 # ---------------------------------------------------------------- models, batch, one step
-def build(size: str, norm_placement: str) -> tuple[dict[str, nn.Module], object]:
-    """The three models of one size, and its config."""
+def build(size: str, norm_placement: str, compile_backend: str | None = None) -> tuple[dict[str, nn.Module], object]:
+    """The models of one size or shape (mot, dense, floor; + compiled mot and dense), and its config."""
     models = {}
+    overrides = SHAPES[size][0] + SHAPE_MODEL if size in SHAPES else [f"model.size={size}", *size_data(size)]
     for arch in ("mot", "dense"):
-        cfg = load_config(None, [f"model.size={size}", f"model.arch={arch}", f"model.norm_placement={norm_placement}",
-                                 *size_data(size)])
+        cfg = load_config(None, [*overrides, f"model.arch={arch}", f"model.norm_placement={norm_placement}"])
         models[arch] = Backbone(backbone_config(cfg.model))
     m = cfg.model
     models["floor"] = Floor(m.dim, m.n_layers, m.n_heads, m.ffn_dim or ffn_hidden_dim(m.dim), m.rope_theta)
+    if compile_backend:
+        for arch in ("mot", "dense"):
+            compiled = Backbone(models[arch].cfg)
+            compiled.load_state_dict(models[arch].state_dict())
+            for block in compiled.blocks:  # as train.compile_blocks does
+                block.compile(backend=compile_backend, fullgraph=True, dynamic=True)
+            models[f"{arch}_compiled"] = compiled
     return models, cfg
 
 
-def half_image_batch(cfg, rows: int, seq_len: int, seed: int = 0):
-    """Caption->image documents whose captions make text tokens equal image patches."""
+def half_image_batch(cfg, rows: int, seq_len: int, seed: int = 0, caption: int | None = None):
+    """Caption->image documents; by default their captions make text tokens equal image patches."""
     m = cfg.model
     n_patches = (m.latent_size // m.patch_size) ** 2
-    caption = n_patches - 4  # BOS, BOI, EOI, EOS are text tokens too
-    doc_len = 2 * n_patches
+    caption = n_patches - 4 if caption is None else caption  # BOS, BOI, EOI, EOS are text tokens too
+    doc_len = caption + 4 + n_patches
     if caption < 1 or doc_len > seq_len:
-        raise ValueError(f"size {m.size}: a 50/50 document needs {doc_len} tokens, seq_len={seq_len}")
+        raise ValueError(f"size {m.size}: a document of {caption} caption tokens and {n_patches} patches needs "
+                         f"{doc_len} tokens, seq_len={seq_len}")
     g = torch.Generator().manual_seed(seed)
     docs = [[Text(torch.randint(0, 256, (caption,), generator=g).tolist()),
              Image(torch.randn(m.latent_channels, m.latent_size, m.latent_size, generator=g))]
@@ -149,12 +171,13 @@ def step(model: nn.Module, x: torch.Tensor, batch, mask: torch.Tensor) -> float:
 
 
 def bench_size(size: str, reps: int, warmup: int, rows: int | None, seq_len: int | None,
-               norm_placement: str) -> dict:
+               norm_placement: str, compile_backend: str | None = None) -> dict:
     torch.manual_seed(0)
-    models, cfg = build(size, norm_placement)
-    rows = rows or cfg.data.batch_size  # the size's own training batch (8 x 256 for debug and small)
-    seq_len = seq_len or cfg.data.seq_len
-    batch = half_image_batch(cfg, rows, seq_len)
+    models, cfg = build(size, norm_placement, compile_backend)
+    shape = SHAPES.get(size, (None, None, None, None))
+    rows = rows or shape[1] or cfg.data.batch_size  # the size's own training batch (8 x 256 for debug and small)
+    seq_len = seq_len or shape[2] or cfg.data.seq_len
+    batch = half_image_batch(cfg, rows, seq_len, caption=shape[3])
     mask = mask_from_batch(batch.doc_id, batch.image_id)
     x = torch.randn(rows, seq_len, cfg.model.dim, requires_grad=True)
     names = list(models)
@@ -167,7 +190,7 @@ def bench_size(size: str, reps: int, warmup: int, rows: int | None, seq_len: int
         reps = max(30, min(150, round(STEP_BUDGET_S / warm)))
     counters = common.cpu_counters()
     for rep in range(reps):
-        order = names[rep % 3:] + names[:rep % 3]  # rotate who goes first
+        order = names[rep % len(names):] + names[:rep % len(names)]  # rotate who goes first
         for name in order:
             times[name].append(step(models[name], x, batch, mask))
     cpu = common.cpu_share(counters, common.cpu_counters())  # steal: the VM's CPUs lent elsewhere meanwhile
@@ -180,6 +203,9 @@ def bench_size(size: str, reps: int, warmup: int, rows: int | None, seq_len: int
         "min_ms": {n: round(min(v), 3) for n, v in times.items()},
         "mot_over_dense": round(med["mot"] / med["dense"], 4),
         "dense_over_floor": round(med["dense"] / med["floor"], 4),
+        **({"compile_backend": compile_backend,
+            "compiled_mot_over_dense": round(med["mot_compiled"] / med["dense_compiled"], 4),
+            "compiled_dense_over_eager": round(med["dense_compiled"] / med["dense"], 4)} if compile_backend else {}),
         "_models": models, "_inputs": (x, batch, mask),
     }
 
@@ -205,20 +231,21 @@ def machine() -> dict:
     return {**common.machine(), "commit": common.commit()}
 
 
-def write(results: list[dict], info: dict, command: str, profiles: str, out: Path) -> None:
+def write(results: list[dict], info: dict, command: str, profiles: str, out: Path, stem: str = "bench_backbone") -> None:
     out.mkdir(parents=True, exist_ok=True)
     goals = {f"{r['size']}:{k}": {"value": r[k], "goal": f"<= {g}", "pass": r[k] <= g}
-             for r in results for k, g in GOALS.items()}
+             for r in results for k, g in GOALS.items() if k in r}
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
     payload = {"benchmark": "bench_backbone", "command": command, "machine": info, "results": clean, "goals": goals}
-    (out / "bench_backbone.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
 
     lines = ["# Backbone step time: MoT vs dense vs a plain PyTorch floor", "",
              f"Command: `{command}`  ", f"Commit: `{info['commit']}`  ",
              f"Machine: {info['processor']}, {info['cpus']} CPUs ({info['torch_threads']} torch threads), "
              f"torch {info['torch']}, device {info['device']}, 1-min load average at the end "
              f"{info['load_average_1m']}", "",
-             "Forward + backward of the backbone alone, 50/50 text/image tokens (caption->image documents), "
+             "Forward + backward of the backbone alone on caption->image documents (named sizes: as many text "
+             "tokens as image patches; the 256x4 / 512x8 shapes: 36 text tokens and 64 patches per document), "
              "medians of the timed steps after warm-up, the three models interleaved in every repetition. CPU "
              "busy / steal: the machine's CPU time during the timed steps (/proc/stat); steal is time the "
              "hypervisor gave this VM's CPUs to others.", "",
@@ -230,13 +257,23 @@ def write(results: list[dict], info: dict, command: str, profiles: str, out: Pat
         lines.append(f"| {r['size']} | {r['rows']} x {r['seq_len']} | {r['reps']} | {ms['mot']:.2f} | "
                      f"{ms['dense']:.2f} | {ms['floor']:.2f} | {r['mot_over_dense']:.3f} | "
                      f"{r['dense_over_floor']:.3f} | {_cpu(r['cpu_share'])} |")
+    compiled = [r for r in clean if "compile_backend" in r]
+    if compiled:
+        lines += ["", f"Compiled ({compiled[0]['compile_backend']}; every block as `train.compile_blocks` compiles it):",
+                  "", "| size | batch x seq | compiled MoT ms | compiled dense ms | compiled MoT/dense "
+                  "| compiled dense / eager dense | eager MoT/dense |", "|---|---|---|---|---|---|---|"]
+        for r in compiled:
+            ms = r["median_ms"]
+            lines.append(f"| {r['size']} | {r['rows']} x {r['seq_len']} | {ms['mot_compiled']:.2f} | "
+                         f"{ms['dense_compiled']:.2f} | {r['compiled_mot_over_dense']:.3f} | "
+                         f"{r['compiled_dense_over_eager']:.3f} | {r['mot_over_dense']:.3f} |")
     lines += ["", "| goal | value | target | result |", "|---|---|---|---|"]
     for name, g in goals.items():
         lines.append(f"| {name} | {g['value']:.3f} | {g['goal']} | {'pass' if g['pass'] else 'FAIL'} |")
     lines += ["", "## Where MoT's extra time goes", "", MOT_OVERHEAD]
     if profiles:
         lines += ["", "## Profile (a goal failed)", "", profiles]
-    (out / "bench_backbone.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def _cpu(share: dict | None) -> str:
@@ -254,6 +291,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--norm-placement", default="pre", choices=["pre", "post"],
                    help="MoT/dense norm placement; 'pre' matches the floor op for op")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's own choice)")
+    p.add_argument("--compile", action="store_true", help="also MoT and dense with compiled blocks")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
+    p.add_argument("--name", default="bench_backbone", help="results file stem in --out")
+    p.add_argument("--no-profile", action="store_true", help="no op profile when a goal fails")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.threads:
@@ -263,13 +304,16 @@ def main(argv: list[str] | None = None) -> None:
     command = "python eval/bench_backbone.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results = []
     for size in args.sizes:
-        r = bench_size(size, args.reps, args.warmup, args.rows, args.seq_len, args.norm_placement)
-        print(f"{size}: {r['median_ms']} MoT/dense={r['mot_over_dense']:.3f} dense/floor={r['dense_over_floor']:.3f}")
+        r = bench_size(size, args.reps, args.warmup, args.rows, args.seq_len, args.norm_placement,
+                       args.compile_backend if args.compile else None)
+        print(f"{size}: {r['median_ms']} MoT/dense={r['mot_over_dense']:.3f} dense/floor={r['dense_over_floor']:.3f}"
+              + (f" compiled MoT/dense={r['compiled_mot_over_dense']:.3f} compiled/eager dense="
+                 f"{r['compiled_dense_over_eager']:.3f}" if args.compile else ""))
         results.append(r)
-    failed = [r for r in results if any(r[k] > g for k, g in GOALS.items())]
+    failed = [] if args.no_profile else [r for r in results if any(r[k] > g for k, g in GOALS.items() if k in r)]
     profiles = "\n\n".join(profile(r) for r in failed)
-    write(results, machine(), command.strip(), profiles, args.out)
-    print(f"wrote {args.out / 'bench_backbone.json'} and .md")
+    write(results, machine(), command.strip(), profiles, args.out, args.name)
+    print(f"wrote {args.out / args.name}.json and .md")
 
 
 if __name__ == "__main__":

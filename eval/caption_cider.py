@@ -10,7 +10,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from common import md_table, write_results
+from common import add_device_args, load_pipeline, md_table, write_results
 
 from transfusion_mot.metrics.cider import cider
 
@@ -24,6 +24,7 @@ def main(argv=None) -> None:
     p.add_argument("--temperature", type=float, default=None, help="default: the run's sample.temperature")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True)
+    add_device_args(p)
     args = p.parse_args(argv)
     path = Path(args.coco_json)
     if not path.is_file():
@@ -37,9 +38,7 @@ def main(argv=None) -> None:
     images = images[: args.n] if args.n else images
     if not images:
         raise SystemExit(f"error: no captioned images of {path} found in {image_dir}")
-    from transfusion_mot import from_pretrained
-
-    pipe = from_pretrained(args.ckpt)
+    pipe = load_pipeline(args)
     hyps = {}
     for start in range(0, len(images), args.batch_size):
         chunk = images[start:start + args.batch_size]

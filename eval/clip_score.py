@@ -2,7 +2,8 @@
 local folder (default openai/clip-vit-large-patch14, which must be in the HF cache when offline).
 
     python eval/clip_score.py --ckpt runs/main --prompts ../shared/assets/prompts/drawbench.txt --out eval_out/clip \
-        [--clip PATH] [--n 200]
+        [--clip PATH] [--n 200] [--device cuda] [--dtype bf16]
+    accelerate launch --num_processes 8 eval/clip_score.py ...   # each process generates its share of the prompts
 """
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import (add_generation_args, generate_missing, md_table, read_prompts, run_sampling_defaults,
-                    write_results)
+from common import (add_generation_args, generate_missing, load_pipeline, md_table, process_state, read_prompts,
+                    run_sampling_defaults, write_results)
 from PIL import Image as PILImage
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -29,13 +30,15 @@ def main(argv=None) -> None:
         require_clip(args.clip)
     except MissingWeights as e:
         raise SystemExit(f"error: {e}")
-    from transfusion_mot import from_pretrained
-
     prompts = read_prompts(args.prompts, args.n)
     out = Path(args.out)
-    pipe = from_pretrained(args.ckpt)
+    state = process_state()
+    pipe = load_pipeline(args, state)
     run_sampling_defaults(args, pipe)
-    paths = generate_missing(pipe, prompts, out / "images", args.steps, args.cfg, args.seed, args.batch_size)
+    paths = generate_missing(pipe, prompts, out / "images", args.steps, args.cfg, args.seed,
+                             args.batch_size, state)
+    if not state.is_main_process:
+        return
     images = torch.stack([pil_to_tensor(PILImage.open(p).convert("RGB")) for p in paths])
     value = clip_score(images, prompts, args.clip)
     result = {"metric": "CLIPScore", "value": value, "clip": args.clip, "n": len(prompts), "steps": args.steps,

@@ -127,24 +127,52 @@ def read_prompts(path: str | Path, n: int | None = None) -> list[str]:
     return prompts[:n] if n else prompts
 
 
+def process_state():
+    """accelerate's view of this process: rank and world size under ``accelerate launch`` (one process
+    otherwise), its device (``cuda:<local rank>`` on GPUs, else CPU) and a barrier."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # on a machine without CUDA (or with ACCELERATE_USE_CPU=1, as accelerate's own Accelerator reads it) the
+    # processes join over gloo; PartialState alone would leave each one on its own
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
+def load_pipeline(args, state=None):
+    """``from_pretrained(--ckpt)`` on ``--device`` (default: this process's device: CUDA when present) in
+    ``--dtype`` (default: bf16 on CUDA, fp32 on CPU)."""
+    from transfusion_mot import from_pretrained
+
+    device = args.device if args.device is not None else (state.device if state is not None else None)
+    return from_pretrained(args.ckpt, device=device, dtype=args.dtype)
+
+
 def generate_missing(pipe, prompts: list[str], out_dir: Path, steps: int, cfg_scale: float, seed: int = 0,
-                     batch_size: int = 16) -> list[Path]:
+                     batch_size: int = 16, state=None) -> list[Path]:
     """``out_dir/{i:06d}.png`` for every prompt; chunks whose images all exist are skipped, so a killed
-    run continues where it stopped and gives the same images (image i is seeded by its index)."""
+    run continues where it stopped and gives the same images (image i is seeded by its index).
+
+    Under ``accelerate launch`` (``state``: ``process_state()``) process r of W generates chunks r, r + W,
+    ... and all wait for each other at the end: the images are those of one process, whatever W."""
     from tqdm.auto import tqdm
 
     from transfusion_mot.components.tracking import save_png
 
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{i:06d}.png" for i in range(len(prompts))]
-    todo = [s for s in range(0, len(prompts), batch_size) if not all(p.exists() for p in paths[s:s + batch_size])]
-    for start in tqdm(todo, desc=f"generating ({len(prompts)} images)", disable=not todo):
+    mine = list(range(0, len(prompts), batch_size))[rank::world]  # fixed by index: no race on what exists
+    todo = [s for s in mine if not all(p.exists() for p in paths[s:s + batch_size])]
+    desc = f"generating ({len(prompts)} images" + (f", process {rank} of {world})" if world > 1 else ")")
+    for start in tqdm(todo, desc=desc, disable=not todo):
         chunk = prompts[start:start + batch_size]
         images = pipe.generate(chunk, steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
                                first_index=start)
         for path, img in zip(paths[start:start + batch_size], images):
             if not path.exists():
                 save_png(img, path)
+    if state is not None:
+        state.wait_for_everyone()
     return paths
 
 
@@ -152,6 +180,12 @@ def run_sampling_defaults(args, pipe) -> None:
     """``--steps / --cfg / --seed`` left unset take the run's own ``sample.*`` (recorded as used)."""
     a = pipe.sampling(steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
     args.steps, args.cfg, args.seed = a["steps"], a["cfg_scale"], a["seed"]
+
+
+def add_device_args(p) -> None:
+    p.add_argument("--device", default=None,
+                   help="cpu | cuda | cuda:N (default: CUDA when present; under accelerate launch, each process's GPU)")
+    p.add_argument("--dtype", default=None, help="auto (default: bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
 
 
 def add_generation_args(p) -> None:
@@ -163,6 +197,7 @@ def add_generation_args(p) -> None:
     p.add_argument("--seed", type=int, default=None, help="default: the run's sample.seed")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True, help="folder for images/, results.json and results.md")
+    add_device_args(p)
 
 
 # ---------------------------------------------------------------- the training pipeline and the bare step

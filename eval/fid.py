@@ -6,7 +6,9 @@
 
 The Inception (or feature) weights are checked before anything is generated: offline and missing, the
 script stops with the file name, where to put it and the flag. Generation is batched, seeded and
-resumable (existing images are kept).
+resumable (existing images are kept), on ``--device`` (default: CUDA when present) in ``--dtype``, and
+splits across processes under ``accelerate launch --num_processes N eval/fid.py ...`` (each process its
+share of the prompts, images written by index; the first process computes the score).
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from common import (add_generation_args, generate_missing, md_table, read_prompts, run_sampling_defaults,
-                    write_results)
+from common import (add_generation_args, generate_missing, load_pipeline, md_table, process_state, read_prompts,
+                    run_sampling_defaults, write_results)
 
 from transfusion_mot.metrics import MissingWeights
 
@@ -42,13 +44,14 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {e}")
     if not list_images(args.ref_dir):
         raise SystemExit(f"error: no images in --ref-dir {args.ref_dir}")
-    from transfusion_mot import from_pretrained
-
     prompts = read_prompts(args.prompts, args.n)
     out = Path(args.out)
-    pipe = from_pretrained(args.ckpt)
+    state = process_state()
+    pipe = load_pipeline(args, state)
     run_sampling_defaults(args, pipe)
-    paths = generate_missing(pipe, prompts, out / "images", args.steps, args.cfg, args.seed, args.batch_size)
+    paths = generate_missing(pipe, prompts, out / "images", args.steps, args.cfg, args.seed, args.batch_size, state)
+    if not state.is_main_process:
+        return
     if args.features:
         score = compute_fd(paths, args.ref_dir, extractor)
         name, value = score.name, score.value

@@ -3,6 +3,7 @@ list (e.g. GenEval's metadata) rendered as a grid for inspection (GenEval's dete
 
     python eval/prompt_following.py --ckpt runs/main --out eval_out/pf [--n 64] [--steps 250]
     python eval/prompt_following.py --ckpt RUN --prompts ../shared/assets/prompts/geneval_metadata.jsonl --n 32 --out DIR
+    accelerate launch --num_processes N eval/prompt_following.py ...   # the prompts split across processes
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import generate_missing, read_prompts, run_sampling_defaults, write_results
+from common import add_device_args, generate_missing, load_pipeline, process_state, read_prompts, run_sampling_defaults, write_results
 from PIL import Image as PILImage
 from torchvision.transforms.functional import to_tensor
 
@@ -27,17 +28,20 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=None, help="default: the run's sample.seed")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True)
+    add_device_args(p)
     args = p.parse_args(argv)
-    from transfusion_mot import from_pretrained
     from transfusion_mot.data import shapes
 
-    pipe = from_pretrained(args.ckpt)
+    state = process_state()
+    pipe = load_pipeline(args, state)
     run_sampling_defaults(args, pipe)
     max_shapes = pipe.cfg.data.shapes_max_shapes
     prompts = (read_prompts(args.prompts, args.n) if args.prompts
                else shapes.held_out_prompts(args.n, split="test", max_shapes=max_shapes))
     out = Path(args.out)
-    paths = generate_missing(pipe, prompts, out / "images", args.steps, args.cfg, args.seed, args.batch_size)
+    paths = generate_missing(pipe, prompts, out / "images", args.steps, args.cfg, args.seed, args.batch_size, state)
+    if not state.is_main_process:  # under accelerate launch: the first process scores every image
+        return
     images = torch.stack([to_tensor(PILImage.open(p).convert("RGB")) for p in paths])
     result = {"n": len(prompts), "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "ckpt": args.ckpt,
               "prompts": args.prompts or "shapes test split"}

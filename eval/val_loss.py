@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import md_table, write_results
+from common import add_device_args, load_pipeline, md_table, write_results
 
 from transfusion_mot.config import replace
 from transfusion_mot.data.pipeline import build_records, encode_records
@@ -29,10 +29,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=1234, help="seed of the fixed noise")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True)
+    add_device_args(p)
     args = p.parse_args(argv)
-    from transfusion_mot import from_pretrained
-
-    pipe = from_pretrained(args.ckpt)
+    pipe = load_pipeline(args)
     cfg = pipe.cfg
     if args.source:
         cfg = replace(cfg, data={"source": args.source, "path": args.path, "captions": args.captions,

@@ -121,3 +121,18 @@ def test_bench_backbone_writes_ratios_goals_and_notes(tmp_path):
     assert "| debug | 2 x 64 | 10 |" in md and "## Where MoT's extra time goes" in md
     with pytest.raises(SystemExit):
         _main("bench_backbone.py", "--reps", "5", "--out", tmp_path)
+
+
+def test_bench_backbone_compiled_shapes(tmp_path):
+    """Issue 19's shapes with compiled blocks (dynamo only here: the plumbing, not inductor's speed): 36 text
+    tokens and 64 patches per 100-token row, compiled MoT/dense and compiled/eager dense with their goals."""
+    _main("bench_backbone.py", "--sizes", "256x4", "--compile", "--compile-backend", "eager", "--reps", "10",
+          "--warmup", "1", "--rows", "1", "--name", "compiled", "--no-profile", "--out", tmp_path)
+    record = json.loads((tmp_path / "compiled.json").read_text())
+    (row,) = record["results"]
+    assert (row["dim"], row["n_layers"], row["rows"], row["seq_len"]) == (256, 4, 1, 100)
+    assert row["image_token_share"] == 0.64 and row["padding_share"] == 0
+    assert set(row["median_ms"]) == {"mot", "dense", "floor", "mot_compiled", "dense_compiled"}
+    assert row["compiled_mot_over_dense"] > 0 and row["compiled_dense_over_eager"] > 0
+    assert {"256x4:compiled_mot_over_dense", "256x4:compiled_dense_over_eager"} <= set(record["goals"])
+    assert "| 256x4 | 1 x 100 |" in (tmp_path / "compiled.md").read_text()

@@ -10,7 +10,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 import webdataset as wds
 from conftest import REPO, debug_overrides

@@ -17,7 +17,7 @@ from PIL import Image as PILImage
 from transfusion_mot.config import load_config
 from transfusion_mot.data.packing import Specials
 from transfusion_mot.data.pipeline import build_records, build_stream, prepare_tokenizer
-from transfusion_mot.data.streaming import LanePlan, NoUsableData, ShardSource, StreamExamples, expand_shards
+from transfusion_mot.data.streaming import LanePlan, NoUsableData, ShardSource, expand_shards
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 

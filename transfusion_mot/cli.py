@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -57,6 +59,43 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+GENERATED = re.compile(r"(\d{4}_\d+|grid)\.png")  # what generate writes: <prompt>_<image>.png and grid.png
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """Every argument of ``generate`` checked before the model is read or a folder is made."""
+    from .pretrained import resolve_device, resolve_dtype
+    from .sample import MAX_SEED
+
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"error: --steps {args.steps} must be >= 1")
+    if args.cfg is not None and (not math.isfinite(args.cfg) or args.cfg < 0):
+        raise SystemExit(f"error: --cfg {args.cfg} must be a finite number >= 0")
+    if args.n is not None and args.n < 1:
+        raise SystemExit(f"error: --n {args.n} must be >= 1 (images per prompt)")
+    if args.shift is not None and not args.shift > 0:
+        raise SystemExit(f"error: --shift {args.shift} must be > 0")
+    if args.seed is not None and not -MAX_SEED <= args.seed <= MAX_SEED:
+        raise SystemExit(f"error: --seed {args.seed} must lie in [-{MAX_SEED}, {MAX_SEED}] (a signed 64-bit integer)")
+    resolve_dtype(args.dtype, resolve_device(args.device))  # a bad --device / --dtype stops here (ValueError)
+
+
+def _stale_images(out: Path, overwrite: bool) -> list[Path]:
+    """Images already in ``out``: refused unless ``--overwrite``, and then only generate's own files are
+    replaced (returned, deleted just before the new ones are written); anything else there is never touched."""
+    if not out.is_dir():
+        return []
+    images = sorted(p for p in out.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if images and not overwrite:
+        raise SystemExit(f"error: output dir {out} already holds {len(images)} image(s) ({images[0].name}, ...); "
+                         "pass --overwrite to replace generate's images there, or choose another --out")
+    foreign = [p for p in images if not GENERATED.fullmatch(p.name)]
+    if foreign:
+        raise SystemExit(f"error: output dir {out} holds images generate did not write ({foreign[0].name}, ...): "
+                         "--overwrite replaces only generate's own files; choose another --out")
+    return images
+
+
 def _check_out_dir(out: str) -> Path:
     path = Path(out)
     try:
@@ -73,16 +112,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .pretrained import from_pretrained
 
     prompts = _read_prompts(args)
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit(f"error: --steps {args.steps} must be >= 1")
-    if args.cfg is not None and args.cfg < 0:
-        raise SystemExit(f"error: --cfg {args.cfg} must be >= 0")
-    if args.n is not None and args.n < 1:
-        raise SystemExit(f"error: --n {args.n} must be >= 1")
-    if args.shift is not None and not args.shift > 0:
-        raise SystemExit(f"error: --shift {args.shift} must be > 0")
-    pipe = from_pretrained(args.ckpt)  # a missing or incompatible checkpoint stops here, before the output dir
+    _check_generate_args(args)
+    stale = _stale_images(Path(args.out), args.overwrite)
+    pipe = from_pretrained(args.ckpt, args.device, args.dtype)  # a bad checkpoint stops here, before the output dir
     out = _check_out_dir(args.out)
+    for path in stale:  # --overwrite: never a mix of new and stale files
+        path.unlink()
     paths = pipe.generate_to_dir(prompts, out, steps=args.steps, cfg_scale=args.cfg, seed=args.seed, n=args.n,
                                  scheduler=args.scheduler, shift=args.shift)  # None: the run's own config
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
@@ -94,7 +129,9 @@ def cmd_caption(args: argparse.Namespace) -> None:
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise SystemExit(f"error: image not found: {missing[0]}")
-    pipe = from_pretrained(args.ckpt)
+    if args.temperature is not None and (not math.isfinite(args.temperature) or args.temperature < 0):
+        raise SystemExit(f"error: --temperature {args.temperature} must be a finite number >= 0 (0 = greedy)")
+    pipe = from_pretrained(args.ckpt, args.device, args.dtype)
     texts = pipe.caption_files(args.images, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                                top_p=args.top_p, max_new_tokens=args.max_new_tokens)  # None: the run's sample.*
     for path, text in zip(args.images, texts):
@@ -122,6 +159,11 @@ def cmd_params(args: argparse.Namespace) -> None:
     from .components.flops import main as flops_main
 
     flops_main()
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present, else CPU)")
+    p.add_argument("--dtype", default=None, help="auto (default: bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--seed", type=int, default=None, help="default: sample.seed")
     s.add_argument("--n", type=int, default=None, help="images per prompt (default: sample.n_per_prompt)")
     s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true", help="replace the images an earlier generate wrote in --out")
+    _add_device_args(s)
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("caption", help="captions for images")
@@ -163,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--top-k", type=int, default=None, help="default: sample.top_k")
     s.add_argument("--top-p", type=float, default=None, help="default: sample.top_p")
     s.add_argument("--max-new-tokens", type=int, default=None, help="default: sample.max_new_tokens")
+    _add_device_args(s)
     s.add_argument("images", nargs="+")
     s.set_defaults(fn=cmd_caption)
 

@@ -1,9 +1,13 @@
-"""``from_pretrained(run_dir)``: the exported model with its tokenizer and codec, ready to generate.
+"""``from_pretrained(run_dir, device=, dtype=)``: the exported model with its tokenizer and codec, ready to
+generate on any device: CUDA when present (else CPU) and, by default, bfloat16 weights on CUDA and float32
+on CPU (the training default, ``train.mixed_precision=auto``). ``dtype`` casts the transformer; the codec
+stays float32 (its decoder writes the pixels every metric reads). ``pipe.to(device, dtype)`` moves it later.
 
 What notebooks, ``transfusion-mot generate|caption`` and the eval scripts use.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +15,36 @@ import torch
 
 from .config import Config
 from .data.packing import Specials
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """None or "auto": CUDA when present, else CPU. A device that is not there is refused by name."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...): {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but this torch sees no CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None or "auto": bfloat16 on CUDA, float32 elsewhere; else fp32 | bf16 | fp16 (or their long names)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 @dataclass
@@ -23,6 +57,22 @@ class Pipeline:
     @property
     def specials(self) -> Specials:
         return Specials.of(self.tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "Pipeline":
+        """Move the pipeline (``None``: keep the device; see ``resolve_device``) and cast the transformer's
+        weights (``None``: keep the dtype; "auto": bfloat16 on CUDA, float32 elsewhere). Returns self."""
+        device = self.device if device is None else resolve_device(device)
+        self.model.to(device=device, dtype=None if dtype is None else resolve_dtype(dtype, device))
+        self.codec.to(device)
+        return self
 
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         from .sample import truncate_prompt
@@ -73,6 +123,8 @@ class Pipeline:
         the run's ``sample.*`` (greedy unless its sample.temperature says otherwise)."""
         from .sample import caption_images
 
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 = greedy)")
         latents = self.codec.encode(images)
         a = self.sampling(seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
         ids = caption_images(self.model, latents, self.specials, **a)
@@ -85,14 +137,22 @@ class Pipeline:
 
         tf = ImageTransform(self.cfg.data.resolution, crop="center", min_side=1)
         images = []
-        for p in paths:
-            with PILImage.open(p) as im:
-                images.append(tf(im.convert("RGB")))
+        for p in paths:  # every file decoded before any captioning: a bad one stops the job in one line
+            try:
+                with PILImage.open(p) as im:
+                    images.append(tf(im.convert("RGB")))
+            except (OSError, SyntaxError, ValueError) as e:  # not an image, truncated, corrupt (PIL's errors)
+                raise ValueError(f"{p}: not an image that can be read ({type(e).__name__}: {e})") from None
         return self.caption(torch.stack(images), **kw)
 
 
-def from_pretrained(run_dir: str | Path, device: str | torch.device = "cpu") -> Pipeline:
-    """Load ``run_dir/model`` (or a model folder itself) with the run's tokenizer and codec."""
+def from_pretrained(run_dir: str | Path, device: str | torch.device | None = None,
+                    dtype: str | torch.dtype | None = None) -> Pipeline:
+    """Load ``run_dir/model`` (or a model folder itself) with the run's tokenizer and codec, on ``device``
+    (default: CUDA when present, else CPU) with the transformer in ``dtype`` (default: bfloat16 on CUDA,
+    float32 on CPU). The device and dtype are checked before anything is read."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     from .components.checkpoint import load_exported
     from .data.pipeline import load_run_codec, prepare_tokenizer
     from .model import build_model
@@ -111,4 +171,4 @@ def from_pretrained(run_dir: str | Path, device: str | torch.device = "cpu") -> 
     except RuntimeError as e:
         raise ValueError(f"{model_dir}: weights do not fit the model its config.json describes: {e}") from None
     codec = load_run_codec(cfg, model_dir.parent if model_dir.name == "model" else model_dir)
-    return Pipeline(model.to(device).eval(), cfg, tokenizer, codec.to(device).eval())
+    return Pipeline(model.to(device=device, dtype=dtype).eval(), cfg, tokenizer, codec.to(device).eval())

@@ -14,6 +14,7 @@ sequence every step; the two agree to float precision (tested).
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -24,7 +25,7 @@ from .config import SCHEDULERS, SampleConfig
 from .data.packing import IMAGE, TEXT, Batch, Specials
 from .data.segments import Image, Text
 from .flow import cfg_velocity, euler_sample, time_grid
-from .model.masks import transfusion_mask
+from .model.masks import flex_block_mask, transfusion_mask
 from .model.mot import KVCache
 
 
@@ -44,16 +45,21 @@ class Context:
         self.img = torch.zeros(n_rows, 0, dtype=torch.long, device=device)
         self.next_pos = torch.zeros(n_rows, dtype=torch.long, device=device)  # RoPE position of the next token
         self.n_images = 0  # image ids handed out so far (unique per context)
+        self._image_mask: tuple = (None, None)  # (key, mask) of the flow steps' queries
 
     @property
     def length(self) -> int:
         return self.doc.shape[1]
 
     def _mask(self, q_doc, q_img):
+        """New queries against cached + new keys: the training rule, as a BlockMask when the model runs
+        flex attention (``model.attention``), else SDPA's boolean mask."""
         t_new = q_doc.shape[1]
-        cols = torch.arange(self.length + t_new, device=self.device).expand(self.n_rows, -1)
         k_doc = torch.cat([self.doc, q_doc], 1)
         k_img = torch.cat([self.img, q_img], 1)
+        if getattr(self.model, "uses_flex", lambda device: False)(self.device):  # stand-in models: SDPA
+            return flex_block_mask(q_doc, q_img, k_doc, k_img, q_offset=self.length)
+        cols = torch.arange(self.length + t_new, device=self.device).expand(self.n_rows, -1)
         return transfusion_mask(q_doc, q_img, cols[:, self.length:], k_doc, k_img, cols)
 
     def _batch(self, tokens, modality, doc, img, latents, t) -> Batch:
@@ -123,17 +129,25 @@ class Context:
         batch = self._batch(tokens, torch.full_like(tokens, IMAGE), doc, img, x, t)
         frozen = KVCache(len(self.cache.k), frozen=True)
         frozen.k, frozen.v = self.cache.k, self.cache.v
-        return self.model(batch, mask=self._mask(doc, img), cache=frozen).velocity
+        key = (self.length, self.n_images, n)  # every flow step of one image attends alike: one mask
+        if self._image_mask[0] != key:
+            self._image_mask = (key, self._mask(doc, img))
+        return self.model(batch, mask=self._image_mask[1], cache=frozen).velocity
 
 
 # --------------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------------
-def _check_args(steps: int, cfg_scale: float) -> None:
+MAX_SEED = 2 ** 63 - 1  # a seed is a signed 64-bit integer (recorded in reports, passed to numpy / torch)
+
+
+def _check_args(steps: int, cfg_scale: float, seed: int = 0) -> None:
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
-    if cfg_scale < 0:
-        raise ValueError(f"cfg_scale={cfg_scale} must be >= 0 (1 = no guidance, 0 = unconditional)")
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise ValueError(f"cfg_scale={cfg_scale} must be a finite number >= 0 (1 = no guidance, 0 = unconditional)")
+    if not -MAX_SEED <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed} must lie in [-{MAX_SEED}, {MAX_SEED}] (a signed 64-bit integer)")
 
 
 def time_steps(steps: int, scheduler: str = SampleConfig.scheduler, shift: float = 1.0) -> list[float]:
@@ -224,7 +238,7 @@ def generate_images(model, prompt_ids: list[list[int]], specials: Specials, step
     """Latents (len(prompts) * n_per_prompt, C, h, w), prompt-major. Image k's noise is the stream
     ``(seed, first_index + k)`` of ``rng.py``: the same seed gives the same images whatever the batch size,
     and a long job can be generated in pieces (``first_index``) with the same result."""
-    _check_args(steps, cfg_scale)
+    _check_args(steps, cfg_scale, seed)
     if not prompt_ids:
         raise ValueError("no prompts given")
     if batch_size < 1:
@@ -339,7 +353,7 @@ def generate_interleaved(model, prompt_ids: list[int], specials: Specials,
     """One document: text until the model emits BOI, then an image by flow (conditioned on everything
     so far; CFG against the unconditional ``BOS, BOI``), its clean latents appended, then text again.
     A prompt ending in BOI starts with an image. Returns segments ``[Text, Image, Text, ...]``."""
-    _check_args(steps, cfg_scale)
+    _check_args(steps, cfg_scale, seed)
     device = next(model.parameters()).device
     model.eval()
     cfg = model.cfg

@@ -10,6 +10,7 @@ resume.py, checkpoint.py).
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import signal
 import sys
@@ -23,12 +24,12 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from . import flow
-from .components.checkpoint import CheckpointError, Snapshot, TrainState, export_model
+from .components.checkpoint import Snapshot, TrainState, export_model
 from .components.ema import EMA
 from .components.optim import build_optimizer, build_scheduler
 from .components.parallel import Engine, EvalCopy
 from .components.resume import Checkpointer, last_good
-from .components.rundir import RunDirError, claim
+from .components.rundir import claim
 from .components.tracking import MetricsLog, plot_losses
 from .config import Config, ConfigError, load_config
 from .data.packing import IGNORE, Specials
@@ -63,8 +64,7 @@ def setup_model(cfg: Config, vocab_size: int, engine: Engine):
         untie_from_dense(model, dense)
     model.backbone.checkpointing = cfg.train.activation_checkpointing
     if cfg.train.compile:
-        for block in model.backbone.blocks:
-            block.compile(dynamic=True)
+        compile_blocks(model)
     model = engine.prepare_model(model)  # FSDP2 replaces the parameters: the optimizer comes after
     # fused AdamW: one kernel per step. On DTensors the foreach path dispatches every op through DTensor
     # (measured at the debug size on 2 CPU processes: 46 ms per step against 2.5 ms fused).
@@ -72,6 +72,16 @@ def setup_model(cfg: Config, vocab_size: int, engine: Engine):
     opt = build_optimizer(engine.unwrap_model(model), cfg.optim, fused=fused)
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps)
     return model, opt, sched
+
+
+def compile_blocks(model, backend: str = "inductor") -> None:
+    """``torch.compile`` every block, whole: routing is computed once per batch outside the blocks and
+    passed in (its host syncs stay out of the graph), so a MoT or dense block is one graph with no break
+    (``fullgraph``), shared by every layer, and dynamic in the group sizes that change from batch to
+    batch. MoE's data-dependent expert routing may break its graph, so it is not forced to be whole."""
+    fullgraph = model.cfg.arch != "moe"
+    for block in model.backbone.blocks:
+        block.compile(backend=backend, fullgraph=fullgraph, dynamic=True)
 
 
 def micro_batches(stream, n: int, device) -> list:
@@ -117,7 +127,19 @@ class _nullcontext:
         return False
 
 
+def check_attention(cfg: Config) -> None:
+    """``model.attention=flex`` where this torch cannot run it is a config error, before any work."""
+    if cfg.model.attention != "flex":
+        return
+    try:
+        importlib.import_module("torch.nn.attention.flex_attention")  # torch >= 2.5
+    except ImportError:
+        raise ConfigError(f"model.attention=flex: this torch ({torch.__version__}) has no flex attention "
+                          "(torch.nn.attention.flex_attention, torch >= 2.5); use model.attention=sdpa") from None
+
+
 def train(cfg: Config, evaluate_at_end: bool = True) -> Path:
+    check_attention(cfg)
     run_dir = Path(cfg.train.out_dir)
     engine = build_engine(cfg, run_dir)
     try:
@@ -305,6 +327,8 @@ class StopSignals:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The entry ``accelerate launch -m transfusion_mot.train`` runs: config and data errors end in one line
+    (``error: ...``, exit 2) on every rank, as through the ``transfusion-mot`` command."""
     parser = argparse.ArgumentParser(prog="transfusion_mot.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML file in configs/")
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint folder (= train.resume)")
@@ -318,13 +342,13 @@ def main(argv: list[str] | None = None) -> None:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     overrides += ["train.overwrite=true"] * args.overwrite
     overrides += ["train.allow_config_change=true"] * args.allow_config_change
-    cfg = load_config(args.config, overrides)
     try:
+        cfg = load_config(args.config, overrides)
         train(cfg, evaluate_at_end=not args.no_eval)
     except Stop as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
-    except (RunDirError, CheckpointError, ConfigError) as e:
+    except (ValueError, FileNotFoundError) as e:  # config, run dir, checkpoint and data errors: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

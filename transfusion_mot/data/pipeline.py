@@ -416,6 +416,39 @@ def check_codec(codec, cfg: Config) -> None:
             f"model.latent_size={cfg.model.latent_size}")
 
 
+# The fields of codec.json (vae_train's record of a trained VAE) that key it, as ``vae_key`` keys the cache,
+# with the config key each comes from; VAEs written before an option existed were trained without it.
+_RUN_CODEC_FIELDS = {"name": "the data (data.source / data.path)", "resolution": "data.resolution",
+                     "steps": "codec.vae_steps", "channels": "codec.vae_channels",
+                     "latent_channels": "codec.vae_latent_channels", "seed": "train.seed",
+                     "latent_noise": "codec.vae_latent_noise", "chroma_weight": "codec.vae_chroma_weight"}
+_RUN_CODEC_DEFAULTS = {"latent_noise": 0.0, "chroma_weight": 0.0}
+
+
+def check_run_codec(local: Path, cfg: Config, records) -> None:
+    """``run_dir/vae`` is reused only for the VAE this config asks for: with ``codec.path``, a copy of that
+    VAE (same codec.json); otherwise one trained on this data at this resolution with these knobs (the
+    fields the cache key is made of). Anything else is refused, naming what differs."""
+    from .codec import CODEC_JSON
+
+    have = json.loads((local / CODEC_JSON).read_text())
+    if cfg.codec.path:
+        source = Path(cfg.codec.path).expanduser() / CODEC_JSON
+        if source.is_file() and json.loads(source.read_text()) != have:
+            raise ValueError(f"{local} holds another VAE than codec.path={cfg.codec.path} (their {CODEC_JSON} "
+                             f"differ); a run dir keeps the codec it was started with: use a new train.out_dir")
+        return
+    c = cfg.codec
+    want = {"name": _records_name(records), "resolution": cfg.data.resolution, "steps": c.vae_steps,
+            "channels": list(c.vae_channels), "latent_channels": c.vae_latent_channels, "seed": cfg.train.seed,
+            "latent_noise": c.vae_latent_noise, "chroma_weight": c.vae_chroma_weight}
+    differ = [f"{_RUN_CODEC_FIELDS[k]}: the VAE has {have.get(k, _RUN_CODEC_DEFAULTS.get(k))!r}, the config asks "
+              f"for {v!r}" for k, v in want.items() if have.get(k, _RUN_CODEC_DEFAULTS.get(k)) != v]
+    if differ:
+        raise ValueError(f"{local} holds a VAE trained for other data or settings ({'; '.join(differ)}); a run "
+                         "dir keeps the codec it was started with: use a new train.out_dir")
+
+
 def prepare_codec(cfg: Config, run_dir: Path, accelerator=None, records=None):
     """The run's codec (a trained VAE is copied into ``run_dir/vae`` so the run is self-contained)
     and ``encode(keys, pixels) -> latents`` with the on-disk latent cache when enabled. ``records``:
@@ -438,7 +471,9 @@ def prepare_codec(cfg: Config, run_dir: Path, accelerator=None, records=None):
         return codec.eval(), lambda keys, latents: latents
     if cfg.codec.kind == "trained":
         local = run_dir / "vae"
-        if not (local / "codec.json").exists():
+        if (local / "codec.json").exists():
+            check_run_codec(local, cfg, records)  # a VAE left by another config is refused, before any work
+        else:
             ctx = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
             with ctx:
                 src = Path(cfg.codec.path) if cfg.codec.path else train_codec_for(cfg, records=records)

@@ -53,12 +53,16 @@ class Routing:
         """(N, ...) in sequence order -> one (N_g, ...) tensor per group."""
         if self.index is None:
             return [x if g == self.whole else x[:0] for g in range(len(self.counts))]
+        if not torch.is_grad_enabled():  # the same gathers; torch.compile cannot trace a Function's ctx here
+            return [x.index_select(0, idx) for idx in self.index]
         return list(_Split.apply(x, self.inverse, *self.index))
 
     def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """One (N_g, ...) tensor per group -> (N, ...) in sequence order (inverse of ``split``)."""
         if self.index is None:
             return parts[self.whole]
+        if not torch.is_grad_enabled():
+            return torch.cat(parts).index_select(0, self.inverse)
         return _Merge.apply(len(parts), self.inverse, *self.index, *parts)
 
 

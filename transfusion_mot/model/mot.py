@@ -9,6 +9,7 @@ Norm placement ``pre`` (Llama style):               H = X + O(attn(QKV(Norm_attn
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import RMSNorm, Rotary, SwiGLU, apply_rotary, ffn_hidden_dim
-from .masks import additive_mask
+from .masks import additive_mask, dense_mask, flex_backward_runs, is_block_mask
 from .modality import PerModality, Routing
 
 
@@ -224,12 +225,23 @@ class Block(nn.Module):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-    """SDPA with a boolean mask, or flex attention when given a BlockMask (CUDA)."""
+    """SDPA with a boolean or additive mask, or flex attention when given a BlockMask. On CUDA outside a
+    compiled block, flex runs compiled on its own (eager flex materialises the whole score matrix)."""
     if isinstance(mask, torch.Tensor) or mask is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     from torch.nn.attention.flex_attention import flex_attention
 
+    if q.is_cuda and not torch.compiler.is_compiling():
+        return _compiled_flex()(q, k, v, block_mask=mask)
     return flex_attention(q, k, v, block_mask=mask)
+
+
+@functools.cache
+def _compiled_flex():
+    """flex_attention compiled once per process (torchtitan does the same): its fused kernel on CUDA."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
 
 
 class Backbone(nn.Module):
@@ -250,6 +262,9 @@ class Backbone(nn.Module):
         b, t, d = x.shape
         routing = Routing.from_modality(modality, self.cfg.n_groups)  # once per batch, for every layer
         rope = self.rotary(position)
+        if is_block_mask(mask) and torch.is_grad_enabled() and not flex_backward_runs(x.device.type):
+            if x.requires_grad or any(p.requires_grad for p in self.parameters()):
+                mask = dense_mask(mask)  # no flex backward on this device (CPU): SDPA over the same rule
         if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:  # SDPA would convert it in every layer
             mask = additive_mask(mask, x.dtype)
         xs = routing.split(x.reshape(b * t, d))

@@ -75,9 +75,12 @@ class Transfusion(nn.Module):
                              f"{patches.shape[0]} x {patches.shape[1]} patches")
         return x.reshape(b * t, d).index_copy(0, img_idx, patches.reshape(-1, d)).reshape(b, t, d)
 
+    def uses_flex(self, device: torch.device) -> bool:
+        """``model.attention``: flex, or auto on CUDA (else SDPA with a boolean mask)."""
+        return self.cfg.attention == "flex" or (self.cfg.attention == "auto" and torch.device(device).type == "cuda")
+
     def attention_mask(self, batch: Batch):
-        use_flex = self.cfg.attention == "flex" or (self.cfg.attention == "auto" and batch.tokens.is_cuda)
-        if use_flex:
+        if self.uses_flex(batch.tokens.device):
             return flex_block_mask(batch.doc_id, batch.image_id)
         return mask_from_batch(batch.doc_id, batch.image_id)
 
