@@ -8,10 +8,12 @@ and the headline pair (MoT, dense) is trained with a second seed to show run-to-
 Validation losses come from the runs' own fixed-t-grid, fixed-noise evaluations (``train.eval_every``)
 and are plotted against training FLOPs (FLOPs/token x tokens seen). Two data settings: ``shapes``
 (generated, with a prompt-following score) and ``flickr`` (the Flickr8k subset in the shared assets,
-TAEF2 latents, the Llama 2 tokenizer). Runs live in ``<out>/runs/<setting>/<arm>-s<seed>``, resume
-with ``train.resume=auto`` and are skipped once finished, so an interrupted job picks up where it was.
+TAEF2 latents, the Llama 2 tokenizer). Each setting is run under both norm placements (``--norms``): the
+MoT paper's Algorithm 1 (``post``: the norm after each sublayer, inside the residual branch) and pre-norm.
+Runs live in ``<out>/runs/<setting>/<norm>/<arm>-s<seed>``, resume with ``train.resume=auto`` and are
+skipped once finished, so an interrupted job picks up where it was.
 
-    python eval/compare_archs.py                   # the default budget (<= 60 min on a 2-core CPU)
+    python eval/compare_archs.py                   # the default budget (~45 min per norm placement, 2-core CPU)
     python eval/compare_archs.py --steps 4000      # a larger budget (use a fresh --out)
     python eval/compare_archs.py --smoke --out /tmp/cmp   # seconds: the debug size, a few steps
 """
@@ -36,6 +38,7 @@ from transfusion_mot.model import build_model
 from transfusion_mot.train import train
 
 NAME = "compare_archs"
+NORMS = ("post", "pre")  # model.norm_placement: Algorithm 1's post-sublayer norm, and pre-norm
 PAIR = ("mot", "dense")  # the headline pair, trained with every seed in --seeds
 ARMS = ("dense", "mot", "moe", "dense_large")
 N_EVALS = 6  # validation points per run (the curves)
@@ -412,17 +415,20 @@ def shared_codec(setting: str, args, steps: int) -> tuple[list[str], float]:
     return [f"codec.path={path}"], time.perf_counter() - t0
 
 
-def run_setting(setting: str, args, steps: int, train_runs: bool = True) -> tuple[list[Run], float]:
-    """Train (or skip, when finished) every run of a setting; returns the runs and the codec seconds."""
+def run_setting(setting: str, norm: str, args, steps: int, train_runs: bool = True) -> tuple[list[Run], float]:
+    """Train (or skip, when finished) every run of a setting under one norm placement; returns the runs and
+    the codec seconds (the codec is shared by both placements)."""
     runs = []
     stats = vocab = None
     codec, codec_s = shared_codec(setting, args, steps)
     for arm, seed in plan(args.archs, args.seeds):
-        run_dir = args.out / "runs" / setting / f"{arm}-s{seed}"
-        cfg = arm_config(setting, arm, seed, steps, run_dir, args.assets, args.smoke, codec + args.set)
+        run_dir = args.out / "runs" / setting / norm / f"{arm}-s{seed}"
+        cfg = arm_config(setting, arm, seed, steps, run_dir, args.assets, args.smoke,
+                         [*codec, f"model.norm_placement={norm}", *args.set])
         check_run_dir(cfg, run_dir)
         if train_runs and not is_done(run_dir):
-            print(f"[{NAME}] {setting}: training {arm} seed {seed} for {steps} steps -> {run_dir}", flush=True)
+            print(f"[{NAME}] {setting}/{norm}-norm: training {arm} seed {seed} for {steps} steps -> {run_dir}",
+                  flush=True)
             train_run(cfg, run_dir)
         elif not is_done(run_dir):
             print(f"[{NAME}] {setting}: {run_dir} is not finished; left out", flush=True)
@@ -430,7 +436,7 @@ def run_setting(setting: str, args, steps: int, train_runs: bool = True) -> tupl
         if stats is None:
             tokenizer = prepare_tokenizer(cfg)
             stats, vocab = data_stats(cfg, tokenizer), tokenizer.vocab_size
-        runs.append(read_run(cfg, setting, arm, run_dir, stats, vocab))
+        runs.append(read_run(cfg, f"{setting}/{norm}-norm", arm, run_dir, stats, vocab))
     return runs, codec_s
 
 
@@ -438,6 +444,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", default="shapes,flickr", help="comma list of: shapes, flickr")
     p.add_argument("--archs", default=",".join(ARMS), help=f"comma list of: {', '.join(ARMS)}")
+    p.add_argument("--norms", default=",".join(NORMS), help="comma list of norm placements: post (Algorithm 1), pre")
     p.add_argument("--seeds", default="0,1", help="seeds of the headline pair (mot, dense); other arms use the first")
     p.add_argument("--steps", type=int, default=0, help="steps per run (0: the default budget of each setting)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (runs go to <out>/runs)")
@@ -448,6 +455,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.settings = [s for s in args.settings.split(",") if s]
     args.archs = [a for a in args.archs.split(",") if a]
+    args.norms = [n for n in args.norms.split(",") if n]
+    for n in args.norms:
+        if n not in NORMS:
+            p.error(f"--norms: unknown norm placement {n!r}; choose from {', '.join(NORMS)}")
+    if any(o.startswith("model.norm_placement=") for o in args.set):
+        p.error("--set model.norm_placement=...: use --norms")
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     for s in args.settings:
         if s not in DEFAULT_STEPS:
@@ -473,7 +486,10 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"[{NAME}] flickr skipped: {skipped[setting]}", flush=True)
             continue
         steps = args.steps or (SMOKE_STEPS if args.smoke else DEFAULT_STEPS[setting])
-        runs[setting], codec_s[setting] = run_setting(setting, args, steps, train_runs=not args.report_only)
+        for norm in args.norms:
+            key = f"{setting}/{norm}-norm"
+            runs[key], seconds = run_setting(setting, norm, args, steps, train_runs=not args.report_only)
+            codec_s[setting] = codec_s.get(setting, 0.0) + seconds  # made once; the second placement reuses it
     heads = {s: headline(rs) for s, rs in runs.items() if rs}
     args.out.mkdir(parents=True, exist_ok=True)
     png = plot(runs, args.out) if any(runs.values()) else None

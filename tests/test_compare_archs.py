@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "eval"))
@@ -29,15 +30,15 @@ def _smoke_here(out, *extra) -> None:
 
 # six debug runs: ~70 s of CPU on an idle 2-core machine (the issue asks for this smoke run in the suite)
 def test_smoke_writes_plot_table_and_headline(tmp_path, capsys):
-    res = _smoke(tmp_path)
+    res = _smoke(tmp_path, "--norms", "post")
     assert res.returncode == 0, res.stderr[-3000:]
     for suffix in ("png", "md", "json"):
         assert (tmp_path / f"compare_archs.{suffix}").stat().st_size > 0
     record = json.loads((tmp_path / "compare_archs.json").read_text())
-    head = record["headline"]["shapes"]
+    head = record["headline"]["shapes/post-norm"]
     assert set(HEADLINE) <= set(head)
     assert set(head["seed_spread"]) >= {"mot", "dense"}  # two seeds of the headline pair
-    runs = {r["arm"] + f"-s{r['seed']}": r for r in record["settings"]["shapes"]["runs"]}
+    runs = {r["arm"] + f"-s{r['seed']}": r for r in record["settings"]["shapes/post-norm"]["runs"]}
     assert set(runs) == {"dense-s0", "mot-s0", "moe-s0", "dense_large-s0", "mot-s1", "dense-s1"}
     # Equal FLOPs per token for dense / MoT (MoE adds only its router); the larger dense costs more.
     assert runs["mot-s0"]["flops_per_token"] == runs["dense-s0"]["flops_per_token"]
@@ -53,13 +54,22 @@ def test_smoke_writes_plot_table_and_headline(tmp_path, capsys):
     # Re-running trains nothing: every run is finished, the results are rebuilt from the run dirs.
     (tmp_path / "compare_archs.json").unlink()
     capsys.readouterr()
-    _smoke_here(tmp_path)
+    _smoke_here(tmp_path, "--norms", "post")
     assert "training" not in capsys.readouterr().out
     assert json.loads((tmp_path / "compare_archs.json").read_text())["headline"] == record["headline"]
 
+    # The other norm placement is a run set of its own, beside the first (same codec, own run dirs).
+    _smoke_here(tmp_path, "--norms", "pre,post", "--archs", "dense", "--seeds", "0")
+    both = json.loads((tmp_path / "compare_archs.json").read_text())["settings"]
+    assert set(both) == {"shapes/pre-norm", "shapes/post-norm"}
+    placements = {key: yaml.safe_load((tmp_path / "runs" / "shapes" / key.split("/")[1][:-5] / "dense-s0" /
+                                       "config.yaml").read_text())["model"]["norm_placement"] for key in both}
+    assert placements == {"shapes/pre-norm": "pre", "shapes/post-norm": "post"}
+    assert both["shapes/pre-norm"]["runs"][0]["final"] != both["shapes/post-norm"]["runs"][0]["final"]
+
     # A finished run dir is never resumed or reused under another budget: the error names the key.
     with pytest.raises(SystemExit) as stop:
-        _smoke_here(tmp_path, "--archs", "dense", "--seeds", "0", "--steps", "6")
+        _smoke_here(tmp_path, "--norms", "post", "--archs", "dense", "--seeds", "0", "--steps", "6")
     assert "train.steps" in str(stop.value.code) and "another --out" in str(stop.value.code)
 
 
@@ -67,6 +77,9 @@ def test_bad_flags_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         _smoke_here(tmp_path, "--archs", "dense,transformer")
     assert stop.value.code == 2 and "'transformer'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        _smoke_here(tmp_path, "--norms", "post,sandwich")
+    assert stop.value.code == 2 and "'sandwich'" in capsys.readouterr().err
 
 
 def test_flops_to_reach_interpolates_in_log_flops():

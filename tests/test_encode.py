@@ -18,7 +18,7 @@ import webdataset as wds
 from conftest import REPO, debug_overrides
 from PIL import Image as PILImage
 
-from transfusion_mot.config import load_config
+from transfusion_mot.config import ConfigError, load_config
 from transfusion_mot.data.encode import encode, read_meta
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
@@ -132,14 +132,15 @@ def test_imagefolder_with_a_pretrained_vae_config_trains(setup):
     from transfusion_mot.train import train
 
     tmp_path, _ = setup
-    cfg = load_config(str(REPO / "configs" / "imagefolder_pretrained_vae.yaml"), debug_overrides(
+    config = str(REPO / "configs" / "imagefolder_pretrained_vae.yaml")
+    overrides = debug_overrides(
         tmp_path / "run", f"data.path={tmp_path / 'images'}", f"codec.path={tmp_path / 'pipe'}", "model.size=debug",
-        "model.latent_size=8", "data.resolution=64", "data.seq_len=128", "data.max_caption_tokens=40",
-        "data.batch_size=2", "data.num_workers=0", "train.steps=2", "model.latent_channels=4"))
-    assert cfg.codec.subfolder == "vae"
-    with pytest.raises(ValueError, match="codec gives 4x16x16 latents"):  # 3 levels: 4x down, not 8x
-        train(cfg, evaluate_at_end=False)
-    cfg.data.resolution, cfg.train.out_dir = 32, str(tmp_path / "run-32px")  # a fresh run dir
+        "data.seq_len=128", "data.max_caption_tokens=40", "data.batch_size=2", "data.num_workers=0", "train.steps=2")
+    with pytest.raises(ConfigError, match="model.latent_size=8 but data.resolution=64 / the codec's factor 4 = 16"):
+        load_config(config, [*overrides, "model.latent_size=8", "data.resolution=64"])  # 3 levels: 4x down, not 8x
+    # left at 0, the latent shape comes from the VAE's config
+    cfg = load_config(config, [*overrides, "data.resolution=32", "model.latent_channels=0", "model.latent_size=0"])
+    assert cfg.codec.subfolder == "vae" and (cfg.model.latent_channels, cfg.model.latent_size) == (4, 8)
     run = train(cfg, evaluate_at_end=False)
     assert (run / "model" / "model.safetensors").exists()
 

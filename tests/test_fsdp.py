@@ -56,7 +56,7 @@ def test_fsdp_in_one_process_matches_ddp_and_resumes_exactly(tmp_path, debug_vae
     fsdp = run("fsdp", "train.parallel=fsdp", "train.resume=auto")
     assert _setup(fsdp) == {"parallel": "fsdp", "precision": "no", "processes": 1, "param_type": "DTensor"}
     for a, b in zip(_losses(ddp), _losses(fsdp), strict=True):
-        assert a[0] == b[0] and all(abs(x - y) < 1e-6 for x, y in zip(a[1:], b[1:])), (a, b)
+        assert a[0] == b[0] and all(abs(x - y) <= 1e-6 * max(1.0, abs(x)) for x, y in zip(a[1:], b[1:])), (a, b)
     wa, wb = _weights(ddp), _weights(fsdp)  # the EMA weights, gathered from their shards
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0) for k in wa)
 

@@ -107,7 +107,7 @@ def test_generate_refuses_a_folder_with_images_unless_overwrite(debug_run, tmp_p
     line = _one_line_exit(capsys, cli.main, [*base, "--prompt", "a green square"])
     assert "already holds 5 image(s)" in line and "--overwrite" in line
     (out / "notes.txt").write_text("mine")
-    cli.main([*base, "--prompt", "a green square", "--overwrite"])  # replaces: no stale 0001_*.png left
+    cli.main([*base, "--prompt", "a green square", "--n", "4", "--overwrite"])  # replaces: no stale 0001_*.png left
     assert sorted(p.name for p in out.glob("*.png")) == ["0000_0.png", "0000_1.png", "0000_2.png", "0000_3.png",
                                                          "grid.png"]
     assert (out / "notes.txt").read_text() == "mine"  # not generate's: untouched

@@ -123,10 +123,10 @@ class Pipeline:
         the run's ``sample.*`` (greedy unless its sample.temperature says otherwise)."""
         from .sample import caption_images
 
-        if not math.isfinite(temperature) or temperature < 0:
-            raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 = greedy)")
-        latents = self.codec.encode(images)
         a = self.sampling(seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
+        if not math.isfinite(a["temperature"]) or a["temperature"] < 0:
+            raise ValueError(f"temperature={a['temperature']} must be a finite number >= 0 (0 = greedy)")
+        latents = self.codec.encode(images)
         ids = caption_images(self.model, latents, self.specials, **a)
         return [self.tokenizer.decode(x) for x in ids]
 

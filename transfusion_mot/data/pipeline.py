@@ -257,12 +257,18 @@ def build_stream(records, tokenizer, encode, cfg: Config, specials: Specials, ra
     return BatchStream(ExampleSource(records, tokenizer, cfg, rank, world), encode, cfg, specials, start, report)
 
 
+def _is_shards(records) -> bool:
+    from .streaming import ShardSource
+
+    return isinstance(records, ShardSource)
+
+
 def iter_records(records, skips: SkipStats | None = None):
     """Every usable record in source order (held-out sets, VAE images); bad ones go into ``skips``."""
     from .sources import BadRecord
 
     skips = SkipStats() if skips is None else skips
-    if hasattr(records, "records"):  # a shard stream: read in order, no index
+    if _is_shards(records):  # a shard stream: read in order, no index
         yield from records.records(skips)
         return
     for i in range(len(records)):
@@ -333,7 +339,7 @@ def _vae_images(records, resolution: int, batch_size: int = 16, seed: int = 0, s
     def none_usable(tried: int) -> NoUsableData:
         return NoUsableData(f"no usable image for VAE training in {name} ({tried} records tried; {skips.report()})")
 
-    if hasattr(records, "records"):  # shards: one pass after another, in order
+    if _is_shards(records):  # shards: one pass after another, in order
         def passes():
             while True:
                 found = 0
@@ -491,7 +497,7 @@ def prepare_codec(cfg: Config, run_dir: Path, accelerator=None, records=None):
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     codec = codec.to(device).eval()
     cache = None
-    streamed = hasattr(records, "records")  # shards at scale: one file per example does not scale; use `encode`
+    streamed = _is_shards(records)  # shards at scale: one file per example does not scale; use `encode`
     if cfg.data.cache_latents and cfg.data.crop == "center" and not streamed:  # random crops change every epoch
         cache = LatentCache(_cache_root(cfg) / "latents", _records_name(records), codec.name, cfg.data.resolution)
     return codec, CachedEncoder(codec, cache)
