@@ -56,8 +56,9 @@ class FlowConfig:
 
 @dataclass
 class CodecConfig:
-    kind: str = "trained"  # "trained" (our small AutoencoderKL) | "diffusers" | "taef2"
-    path: str = ""  # diffusers: hub id or folder; trained: folder ("" = train one into the cache)
+    kind: str = "trained"  # "trained" (our small AutoencoderKL) | "diffusers" | "taef2" | "vq" (discrete tokens)
+    path: str = ""  # diffusers: hub id or folder; trained, vq: folder ("" = train one into the cache)
+    subfolder: str = ""  # the model's folder inside codec.path (a pipeline folder's "vqvae", "vae" ...)
     encoder_path: str = ""  # taef2
     decoder_path: str = ""  # taef2
     scaling_factor: float | None = None  # None: from the VAE's config / measured at training
@@ -68,6 +69,12 @@ class CodecConfig:
     vae_channels: tuple = (32, 64, 64)
     vae_latent_noise: float = 0.0  # decoder trains on z + this * std(z) * noise: spreads the latent code out
     vae_chroma_weight: float = 0.0  # pixel loss weight 1 + this * chroma: saturated objects vs grey background
+    # kind=vq without a path: our small VQModel (data/vq_train.py), chosen on eval/results/vq_tokenizer.md
+    vq_steps: int = 600  # training budget of the small VQModel
+    vq_codebook_size: int = 1024
+    vq_latent_channels: int = 4  # dimensions of a code
+    vq_channels: tuple = (32, 64, 64)  # len(vq_channels) blocks: 2 ** (len - 1) downsampling
+    vq_chroma_weight: float = 10.0  # as vae_chroma_weight
 
 
 @dataclass
@@ -288,7 +295,7 @@ def validate(cfg: Config) -> Config:
     _choice("model.moe_routing", m.moe_routing, ("expert_choice", "token_choice"))
     _choice("model.attention", m.attention, ("auto", "sdpa", "flex"))
     _choice("flow.t_sampling", f.t_sampling, ("uniform", "logit_normal"))
-    _choice("codec.kind", cfg.codec.kind, ("trained", "diffusers", "taef2"))
+    _choice("codec.kind", cfg.codec.kind, ("trained", "diffusers", "taef2", "vq"))
     _choice("data.source", d.source, ("shapes", "imagefolder", "coco", "webdataset", "hf"))
     _choice("data.crop", d.crop, ("center", "random"))
     _choice("train.mixed_precision", t.mixed_precision, ("auto", "no", "bf16"))
@@ -317,6 +324,7 @@ def validate(cfg: Config) -> Config:
                        ("codec.vae_chroma_weight", cfg.codec.vae_chroma_weight)):
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
+    _validate_vq(cfg.codec, d.resolution)
     if f.shift <= 0 or f.logit_std <= 0:
         raise ConfigError(f"flow.shift={f.shift} and flow.logit_std={f.logit_std} must be > 0")
     if not 0 < f.caption_t_max <= 1:
@@ -341,6 +349,28 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"sample.temperature={s.temperature} >= 0, sample.top_p={s.top_p} in (0, 1], "
                           f"sample.top_k={s.top_k} >= 0 required")
     return cfg
+
+
+def _validate_vq(c: CodecConfig, resolution: int) -> None:
+    """The small VQModel's knobs (checked whatever the kind, as the VAE's are), and kind=vq's needs."""
+    if c.vq_steps < 1 or c.vq_latent_channels < 1:
+        raise ConfigError(f"codec.vq_steps={c.vq_steps} and codec.vq_latent_channels={c.vq_latent_channels} "
+                          f"must be >= 1")
+    if not 2 <= c.vq_codebook_size <= 2 ** 20:
+        raise ConfigError(f"codec.vq_codebook_size={c.vq_codebook_size} must lie in [2, 2**20]")
+    if not c.vq_channels or not all(isinstance(ch, int) and not isinstance(ch, bool) and ch >= 1
+                                    for ch in c.vq_channels):
+        raise ConfigError(f"codec.vq_channels={list(c.vq_channels)} must be a non-empty list of positive "
+                          f"ints (one per block; 2 ** (blocks - 1) downsampling)")
+    if c.vq_chroma_weight < 0:
+        raise ConfigError(f"codec.vq_chroma_weight={c.vq_chroma_weight} must be >= 0")
+    down = 2 ** (len(c.vq_channels) - 1)
+    if c.kind == "vq" and not c.path and resolution % down:
+        raise ConfigError(f"data.resolution={resolution} is not a multiple of the VQ tokenizer's downsampling "
+                          f"{down} (codec.vq_channels has {len(c.vq_channels)} blocks)")
+    if c.subfolder and (not c.path or Path(c.subfolder).is_absolute() or ".." in Path(c.subfolder).parts):
+        raise ConfigError(f"codec.subfolder={c.subfolder!r} must be a relative folder inside codec.path "
+                          f"(codec.path={c.path!r})")
 
 
 def replace(cfg: Config, **sections: dict) -> Config:
