@@ -35,7 +35,7 @@ N_SCENES = 64  # held-out scenes of the ceiling (the main job scores 64 prompts)
 
 # name -> train_vq keyword arguments over the defaults below
 BASE = dict(channels=(32, 64, 64), latent_channels=4, codebook_size=1024, steps=600, chroma_weight=10.0,
-            restart_codes=True)
+            restart_codes=True, ema=0.0)
 EIGHT = (32, 64, 64, 64)
 SETTINGS = {
     "4x-1024": {},
@@ -43,9 +43,13 @@ SETTINGS = {
     "4x-1024-no-restarts": dict(restart_codes=False),
     "4x-1024-no-chroma": dict(chroma_weight=0.0),
     "4x-1024-300steps": dict(steps=300),
+    "4x-1024-d8": dict(latent_channels=8),
+    "4x-1024-ema": dict(ema=0.99),
+    "4x-1024-d8-ema": dict(latent_channels=8, ema=0.99),
     "8x-1024": dict(channels=EIGHT),
     "8x-256": dict(channels=EIGHT, codebook_size=256),
     "8x-1024-d8": dict(channels=EIGHT, latent_channels=8),
+    "8x-1024-d8-ema": dict(channels=EIGHT, latent_channels=8, ema=0.99),
     "8x-1024-wide": dict(channels=(64, 64, 128, 128), latent_channels=8),
     "8x-1024-1200steps": dict(channels=EIGHT, steps=1200),
 }
@@ -95,7 +99,7 @@ def run(name: str, cfg, vae_step_cpu: float) -> dict:
     grid = cfg.data.resolution // tok.downsample
     return {"setting": name, "downsample": tok.downsample, "tokens": f"{grid}x{grid}", "codebook": kw["codebook_size"],
             "code_dim": kw["latent_channels"], "channels": list(kw["channels"]), "steps": kw["steps"],
-            "chroma_weight": kw["chroma_weight"], "restart_codes": kw["restart_codes"],
+            "chroma_weight": kw["chroma_weight"], "restart_codes": kw["restart_codes"], "ema": kw["ema"],
             "psnr": meta["psnr"], "perplexity": meta["perplexity"], "codes_used": meta["codes_used"],
             "codes_restarted": meta["codes_restarted"], "ceiling": ceiling,
             **{f"fact_{k}": v for k, v in by_fact.items()},
@@ -104,7 +108,7 @@ def run(name: str, cfg, vae_step_cpu: float) -> dict:
             "params": sum(p.numel() for p in tok.parameters()), "commit": commit()}
 
 
-COLUMNS = ["setting", "tokens", "codebook", "code_dim", "steps", "psnr", "perplexity", "codes_used", "ceiling",
+COLUMNS = ["setting", "tokens", "codebook", "code_dim", "steps", "ema", "psnr", "perplexity", "codes_used", "ceiling",
            "fact_colour", "fact_shape", "fact_count", "fact_size", "fact_relation", "est_idle_s", "cpu_s"]
 
 
@@ -134,7 +138,8 @@ def save_row(row: dict, cfg) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(Path(tempfile.gettempdir()) / "vq_tokenizer_results.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = {r["setting"]: r for r in (json.loads(path.read_text())["rows"] if path.exists() else [])}
+        rows = {r["setting"]: {"ema": 0.0, **r}  # rows from before the ema option trained without it
+                for r in (json.loads(path.read_text())["rows"] if path.exists() else [])}
         rows[row["setting"]] = row
         ordered = [rows[n] for n in SETTINGS if n in rows]
         md = ["# Image tokenizer (Chameleon setting): small VQModel on shapes, 64 px", "{header}",

@@ -43,37 +43,79 @@ def build_vq(channels: tuple[int, ...] = (32, 64, 64), latent_channels: int = 4,
         norm_num_groups=groups, sample_size=resolution, mid_block_add_attention=False, scaling_factor=1.0)
 
 
-def quantize(vq, h: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(decoder input with straight-through gradients (B, D, h, w), codebook + beta commitment loss,
+def quantize(vq, h: torch.Tensor, beta: float, codebook_loss: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(decoder input with straight-through gradients (B, D, h, w), [codebook +] beta x commitment loss,
     ids (B h w,)): the VQModel's own nearest-code choice, with VQ-VAE's losses."""
     _, _, (_, _, ids) = vq.quantize(h)
     z = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (M, D)
     e = vq.quantize.embedding(ids.reshape(-1))  # (M, D), gradients reach the codebook
-    loss = F.mse_loss(e, z.detach()) + beta * F.mse_loss(z, e.detach())
+    loss = beta * F.mse_loss(z, e.detach())
+    if codebook_loss:
+        loss = loss + F.mse_loss(e, z.detach())
     zq = (z + (e - z).detach()).reshape(h.shape[0], *h.shape[2:], h.shape[1]).permute(0, 3, 1, 2)
     return zq, loss, ids.reshape(-1)
 
 
-@torch.no_grad()
-def _restart_codes(codebook: torch.Tensor, dead: torch.Tensor, z: torch.Tensor, gen: torch.Generator) -> int:
-    """Move the ``dead`` codes (bool (K,)) onto random encoder outputs ``z`` (M, D), slightly jittered."""
-    n = int(dead.sum())
-    if n:
-        pick = torch.randint(len(z), (n,), generator=gen)
-        jitter = 0.01 * z.std() * torch.randn(n, z.shape[1], generator=gen)
-        codebook[dead] = z[pick] + jitter.to(z.device)
-    return n
+class CodebookKeeper:
+    """Keeps a training VQModel's codebook (K, D) in use, and with ``ema`` > 0 updates it as the running
+    mean of the encoder outputs each code wins (VQ-VAE's EMA variant) instead of by gradient.
+
+    With ``restart``: the codebook starts from encoder outputs of the first batch, and every 10 steps
+    codes whose running usage (~ the last 100 steps) fell below 1 % of an even share are moved onto
+    random encoder outputs of the current batch, until the last 10 % of training.
+    """
+
+    def __init__(self, codebook: torch.Tensor, restart: bool, ema: float, gen: torch.Generator):
+        self.codebook, self.restart, self.ema, self.gen = codebook, restart, ema, gen
+        k = codebook.shape[0]
+        self.usage = torch.zeros(k)  # running count of tokens per code
+        self.ema_count, self.ema_sum = torch.ones(k), codebook.detach().clone().cpu()  # (K,), (K, D)
+        self.restarted = 0
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor, ids: torch.Tensor, step: int, steps: int) -> None:
+        """After the optimizer step of ``step``: encoder outputs ``z`` (M, D) and the codes ``ids`` (M,) they won."""
+        z, ids = z.detach().cpu(), ids.cpu()
+        counts = torch.bincount(ids, minlength=len(self.usage)).float()  # (K,)
+        self.usage.mul_(USAGE_DECAY).add_(counts)
+        if self.ema:
+            self.ema_count.mul_(self.ema).add_(counts, alpha=1 - self.ema)
+            self.ema_sum.mul_(self.ema).add_(torch.zeros_like(self.ema_sum).index_add_(0, ids, z), alpha=1 - self.ema)
+            self.codebook.copy_(self._ema_codebook())
+        if self.restart and step % 10 == 9 and step < 0.9 * steps:
+            self.restart_codes(self.usage < 0.01 * self.usage.sum() / len(self.usage), z)
+
+    def _ema_codebook(self) -> torch.Tensor:
+        n = self.ema_count.sum()
+        count = (self.ema_count + 1e-5) / (n + len(self.ema_count) * 1e-5) * n  # Laplace-smoothed (K,)
+        return (self.ema_sum / count[:, None]).to(self.codebook)
+
+    @torch.no_grad()
+    def restart_codes(self, dead: torch.Tensor, z: torch.Tensor) -> None:
+        """Move the ``dead`` codes (bool (K,)) onto random encoder outputs ``z`` (M, D), slightly jittered."""
+        n = int(dead.sum())
+        if not n:
+            return
+        z = z.detach().cpu()
+        pick = torch.randint(len(z), (n,), generator=self.gen)
+        new = z[pick] + 0.01 * z.std() * torch.randn(n, z.shape[1], generator=self.gen)  # (n, D)
+        self.codebook[dead.to(self.codebook.device)] = new.to(self.codebook)
+        self.ema_count[dead], self.ema_sum[dead] = 1.0, new
+        self.restarted += n
 
 
 def train_vq(images: ImageBatches, out_dir: str | Path, resolution: int, steps: int,
              channels: tuple[int, ...] = (32, 64, 64), latent_channels: int = 4, codebook_size: int = 1024,
              batch_size: int = 16, lr: float = 2e-3, seed: int = 0, name: str = "", train_crop: int | None = 32,
              chroma_weight: float = 0.0, beta: float = 0.25, restart_codes: bool = True,
-             eval_images: ImageBatches | None = None) -> Path:
+             ema: float = 0.0, eval_images: ImageBatches | None = None) -> Path:
     """Train, measure PSNR and codebook usage on held-out batches, and write ``out_dir`` atomically.
 
     ``restart_codes``: start the codebook from encoder outputs and move codes whose running usage
     fell below 1 % of an even share onto encoder outputs every 10 steps (until the last 10 %).
+    ``ema``: > 0 updates the codebook as a running mean (this decay per step) of the encoder outputs
+    each code wins, with the commitment loss only; 0 learns it by gradient (codebook loss).
     ``eval_images``: held-out batches; by default ``images(10_000_000 + i)``.
     """
     out_dir = Path(out_dir).expanduser()
@@ -88,10 +130,11 @@ def train_vq(images: ImageBatches, out_dir: str | Path, resolution: int, steps: 
     start = time.perf_counter()
     vq = build_vq(channels, latent_channels, codebook_size, resolution).train()
     codebook = vq.quantize.embedding.weight  # (K, D)
-    opt = torch.optim.AdamW(vq.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    codebook.requires_grad_(not ema)  # with EMA the codebook follows the encoder, not the gradient
+    keeper = CodebookKeeper(codebook.data, restart_codes, ema, gen)
+    opt = torch.optim.AdamW([p for p in vq.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99),
+                            weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    usage = torch.zeros(codebook_size)  # running count of tokens per code
-    restarted = 0
     from tqdm.auto import tqdm
 
     for step in tqdm(range(steps), desc=f"vq ({name or 'data'})", dynamic_ncols=True):
@@ -102,8 +145,8 @@ def train_vq(images: ImageBatches, out_dir: str | Path, resolution: int, steps: 
         h = vq.encode(x).latents  # (B, D, h, w)
         z = h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (M, D)
         if restart_codes and step == 0:
-            restarted += _restart_codes(codebook.data, torch.ones(codebook_size, dtype=torch.bool), z, gen)
-        zq, vq_loss, ids = quantize(vq, h, beta)
+            keeper.restart_codes(torch.ones(codebook_size, dtype=torch.bool), z)
+        zq, vq_loss, ids = quantize(vq, h, beta, codebook_loss=not ema)
         recon = vq.decoder(vq.post_quant_conv(zq), zq if vq.config.norm_type == "spatial" else None)
         loss = pixel_loss(recon, x, chroma_weight) + vq_loss
         opt.zero_grad(set_to_none=True)
@@ -111,10 +154,7 @@ def train_vq(images: ImageBatches, out_dir: str | Path, resolution: int, steps: 
         torch.nn.utils.clip_grad_norm_(vq.parameters(), 1.0)
         opt.step()
         sched.step()
-        usage.mul_(USAGE_DECAY).add_(torch.bincount(ids.cpu(), minlength=codebook_size))
-        if restart_codes and step % 10 == 9 and step < 0.9 * steps:
-            even = usage.sum() / codebook_size
-            restarted += _restart_codes(codebook.data, (usage < 0.01 * even).to(codebook.device), z, gen)
+        keeper.update(z, ids, step, steps)
     vq.eval()
     held_out = eval_images or (lambda i: images(_EVAL_STEP0 + i))
     stats = measure(ImageTokenizer(vq, name or "vq"),
@@ -122,7 +162,7 @@ def train_vq(images: ImageBatches, out_dir: str | Path, resolution: int, steps: 
     meta = {"name": name, "kind": "vq", **stats, "steps": steps, "resolution": resolution,
             "channels": list(channels), "latent_channels": latent_channels, "codebook_size": codebook_size,
             "batch_size": batch_size, "train_crop": train_crop, "lr": lr, "seed": seed, "beta": beta,
-            "chroma_weight": chroma_weight, "restart_codes": restart_codes, "codes_restarted": restarted,
+            "chroma_weight": chroma_weight, "restart_codes": restart_codes, "codes_restarted": keeper.restarted, "ema": ema,
             "seconds": round(time.perf_counter() - start, 2)}
     _write_atomically(vq, meta, out_dir)
     return out_dir
