@@ -40,6 +40,7 @@ EIGHT = (32, 64, 64, 64)
 SETTINGS = {
     "4x-1024": {},
     "4x-256": dict(codebook_size=256),
+    "4x-256-ema": dict(codebook_size=256, ema=0.99),
     "4x-1024-no-restarts": dict(restart_codes=False),
     "4x-1024-no-chroma": dict(chroma_weight=0.0),
     "4x-1024-300steps": dict(steps=300),
@@ -85,7 +86,7 @@ def vae_cpu_per_step(cfg, steps: int) -> float:
 
 
 def run(name: str, cfg, vae_step_cpu: float) -> dict:
-    kw = {**BASE, **SETTINGS[name]}
+    kw = {**BASE, **SETTINGS[name.split("@")[0]]}
     images = _vae_images(build_records(cfg.data, "train"), cfg.data.resolution, seed=cfg.train.seed)
     held_out = _vae_images(build_records(cfg.data, "val"), cfg.data.resolution)
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +98,7 @@ def run(name: str, cfg, vae_step_cpu: float) -> dict:
         tok = ImageTokenizer.from_pretrained(folder)
         ceiling, by_fact = facts(lambda x: tok.decode(tok.encode(x)), cfg)
     grid = cfg.data.resolution // tok.downsample
-    return {"setting": name, "downsample": tok.downsample, "tokens": f"{grid}x{grid}", "codebook": kw["codebook_size"],
+    return {"setting": name, "seed": cfg.train.seed, "downsample": tok.downsample, "tokens": f"{grid}x{grid}", "codebook": kw["codebook_size"],
             "code_dim": kw["latent_channels"], "channels": list(kw["channels"]), "steps": kw["steps"],
             "chroma_weight": kw["chroma_weight"], "restart_codes": kw["restart_codes"], "ema": kw["ema"],
             "psnr": meta["psnr"], "perplexity": meta["perplexity"], "codes_used": meta["codes_used"],
@@ -116,12 +117,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", default="4x-1024,8x-1024", help=f"comma-separated, of: {', '.join(SETTINGS)}")
     p.add_argument("--ref-steps", type=int, default=60, help="VAE steps timed for the CPU-seconds scale")
+    p.add_argument("--seed", type=int, default=0, help="train.seed (a row named SETTING@SEED when not 0)")
     args = p.parse_args(argv)
     names = [s for s in args.settings.split(",") if s]
     unknown = [s for s in names if s not in SETTINGS]
     if unknown:
         raise SystemExit(f"error: unknown settings {unknown}; choose from {list(SETTINGS)}")
-    cfg = load_config(str(REPO / "configs" / "main.yaml"), ["codec.kind=vq"])
+    names = [f"{n}@{args.seed}" if args.seed else n for n in names]
+    cfg = load_config(str(REPO / "configs" / "main.yaml"), ["codec.kind=vq", f"train.seed={args.seed}"])
     vae_step = vae_cpu_per_step(cfg, args.ref_steps)
     print(f"VAE reference: {vae_step:.3f} CPU s/step", flush=True)
     for name in names:
@@ -141,7 +144,7 @@ def save_row(row: dict, cfg) -> None:
         rows = {r["setting"]: {"ema": 0.0, **r}  # rows from before the ema option trained without it
                 for r in (json.loads(path.read_text())["rows"] if path.exists() else [])}
         rows[row["setting"]] = row
-        ordered = [rows[n] for n in SETTINGS if n in rows]
+        ordered = sorted(rows.values(), key=lambda r: (list(SETTINGS).index(r["setting"].split("@")[0]), r["setting"]))
         md = ["# Image tokenizer (Chameleon setting): small VQModel on shapes, 64 px", "{header}",
               __doc__.split("\n\n")[1], "", __doc__.split("\n\n")[2], "",
               f"Data: configs/main.yaml (max {cfg.data.shapes_max_shapes} shapes, "

@@ -245,3 +245,24 @@ def test_validate_checks_resolution_against_the_tokenizer():
     load_config(None, ["codec.kind=vq", "data.resolution=60", "codec.path=/some/vq"])  # its own downsampling
     cfg = load_config(str(REPO / "configs" / "main.yaml"), ["codec.kind=vq"])  # the defaults fit the main job
     assert cfg.data.resolution % 2 ** (len(cfg.codec.vq_channels) - 1) == 0
+
+
+def test_codebook_keeper_ema_and_restarts():
+    """EMA: a code's vector moves to the running mean of the encoder outputs it wins, codes that win
+    nothing stay put (until restarted); restarts: dead codes land on (jittered) encoder outputs."""
+    from transfusion_mot.data.vq_train import CodebookKeeper
+
+    codebook = torch.tensor([[0.0, 0.0], [5.0, -5.0], [9.0, 9.0]])  # (K=3, D=2)
+    keeper = CodebookKeeper(codebook, restart=False, ema=0.9, gen=torch.Generator().manual_seed(0))
+    z, ids = torch.tensor([[1.0, 2.0], [3.0, 2.0]]), torch.tensor([0, 0])  # both won by code 0: mean (2, 2)
+    for step in range(10):
+        keeper.update(z, ids, step, 100)
+    assert 1.0 < codebook[0, 0] < 2.0 and codebook[0, 0] == codebook[0, 1]  # on its way
+    torch.testing.assert_close(codebook[1:], torch.tensor([[5.0, -5.0], [9.0, 9.0]]), atol=1e-3, rtol=0)
+    for step in range(10, 100):
+        keeper.update(z, ids, step, 100)
+    torch.testing.assert_close(codebook[0], torch.tensor([2.0, 2.0]), atol=1e-3, rtol=0)
+    keeper.restart_codes(torch.tensor([False, True, True]), z)
+    assert keeper.restarted == 2
+    assert all(min((codebook[k] - zi).abs().max() for zi in z) < 0.1 for k in (1, 2))
+    torch.testing.assert_close(codebook[0], torch.tensor([2.0, 2.0]), atol=1e-3, rtol=0)
