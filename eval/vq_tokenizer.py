@@ -28,7 +28,7 @@ from transfusion_mot.config import load_config
 from transfusion_mot.data import shapes
 from transfusion_mot.data.pipeline import _vae_images, build_records
 from transfusion_mot.data.vq import ImageTokenizer
-from transfusion_mot.data.vq_train import train_vq
+from transfusion_mot.data import vq_train
 
 VAE_IDLE_SECONDS_PER_600 = 107.0  # eval/results/main_job.md: the main job's VAE, 600 steps, idle 2-core CPU
 N_SCENES = 64  # held-out scenes of the ceiling (the main job scores 64 prompts)
@@ -38,9 +38,10 @@ BASE = dict(channels=(32, 64, 64), latent_channels=4, codebook_size=1024, steps=
             restart_codes=True, ema=0.0)
 EIGHT = (32, 64, 64, 64)
 SETTINGS = {
+    "default": None,  # the CodecConfig defaults, trained through vq_train.train_tokenizer_for (the run's path)
     "4x-1024": {},
     "4x-256": dict(codebook_size=256),
-    "4x-256-ema": dict(codebook_size=256, ema=0.99),
+    "4x-256-d8-ema": dict(codebook_size=256, latent_channels=8, ema=0.99),
     "4x-1024-no-restarts": dict(restart_codes=False),
     "4x-1024-no-chroma": dict(chroma_weight=0.0),
     "4x-1024-300steps": dict(steps=300),
@@ -86,13 +87,20 @@ def vae_cpu_per_step(cfg, steps: int) -> float:
 
 
 def run(name: str, cfg, vae_step_cpu: float) -> dict:
-    kw = {**BASE, **SETTINGS[name.split("@")[0]]}
+    setting = SETTINGS[name.split("@")[0]]
+    c = cfg.codec
+    kw = {**BASE, **setting} if setting is not None else dict(
+        channels=tuple(c.vq_channels), latent_channels=c.vq_latent_channels, codebook_size=c.vq_codebook_size,
+        steps=c.vq_steps, chroma_weight=c.vq_chroma_weight, restart_codes=True, ema=vq_train.EMA)
     images = _vae_images(build_records(cfg.data, "train"), cfg.data.resolution, seed=cfg.train.seed)
     held_out = _vae_images(build_records(cfg.data, "val"), cfg.data.resolution)
     with tempfile.TemporaryDirectory() as tmp:
         t0, w0 = time.process_time(), time.perf_counter()
-        folder = train_vq(images, Path(tmp) / "vq", resolution=cfg.data.resolution, seed=cfg.train.seed,
-                          name=name, eval_images=held_out, **kw)
+        if setting is None:
+            folder = vq_train.train_tokenizer_for(cfg, out=Path(tmp) / "vq")
+        else:
+            folder = vq_train.train_vq(images, Path(tmp) / "vq", resolution=cfg.data.resolution, seed=cfg.train.seed,
+                                       name=name, eval_images=held_out, **kw)
         cpu, wall = time.process_time() - t0, time.perf_counter() - w0
         meta = json.loads((folder / "codec.json").read_text())
         tok = ImageTokenizer.from_pretrained(folder)

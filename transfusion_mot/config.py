@@ -72,7 +72,7 @@ class CodecConfig:
     # kind=vq without a path: our small VQModel (data/vq_train.py), chosen on eval/results/vq_tokenizer.md
     vq_steps: int = 600  # training budget of the small VQModel
     vq_codebook_size: int = 1024
-    vq_latent_channels: int = 4  # dimensions of a code
+    vq_latent_channels: int = 8  # dimensions of a code
     vq_channels: tuple = (32, 64, 64)  # len(vq_channels) blocks: 2 ** (len - 1) downsampling
     vq_chroma_weight: float = 10.0  # as vae_chroma_weight
 
