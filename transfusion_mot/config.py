@@ -58,9 +58,9 @@ class FlowConfig:
 
 @dataclass
 class CodecConfig:
-    kind: str = "trained"  # "trained" (our small AutoencoderKL) | "diffusers" | "taef2"
-    path: str = ""  # diffusers: hub id or folder; trained: folder ("" = train one into the cache)
-    subfolder: str = ""  # diffusers: the VAE's folder inside codec.path (e.g. "vae" of a pipeline repo)
+    kind: str = "trained"  # "trained" (our small AutoencoderKL) | "diffusers" | "taef2" | "vq" (discrete tokens)
+    path: str = ""  # diffusers: hub id or folder; trained, vq: folder ("" = train one into the cache)
+    subfolder: str = ""  # the model's folder inside codec.path (a pipeline folder's "vqvae", "vae" ...)
     encoder_path: str = ""  # taef2
     decoder_path: str = ""  # taef2
     scaling_factor: float | None = None  # None: from the VAE's config / measured at training
@@ -71,6 +71,12 @@ class CodecConfig:
     vae_channels: tuple = (32, 64, 64)
     vae_latent_noise: float = 0.0  # decoder trains on z + this * std(z) * noise: spreads the latent code out
     vae_chroma_weight: float = 0.0  # pixel loss weight 1 + this * chroma: saturated objects vs grey background
+    # kind=vq without a path: our small VQModel (data/vq_train.py), chosen on eval/results/vq_tokenizer.md
+    vq_steps: int = 600  # training budget of the small VQModel
+    vq_codebook_size: int = 1024
+    vq_latent_channels: int = 8  # dimensions of a code
+    vq_channels: tuple = (32, 64, 64)  # len(vq_channels) blocks: 2 ** (len - 1) downsampling
+    vq_chroma_weight: float = 10.0  # as vae_chroma_weight
 
 
 @dataclass
@@ -306,15 +312,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def codec_geometry(codec: CodecConfig) -> tuple[int, int] | None:
     """(latent channels, downsampling factor) of the configured codec, when the config alone tells
-    (no weights loaded): a trained VAE from its shape knobs (or its folder's config.json), TAEF2's fixed
-    32 x /8, a local diffusers folder's config.json. None for a hub id or a folder that is not there."""
+    (no weights loaded): a trained VAE or VQ tokenizer from its shape knobs (or its folder's config.json),
+    TAEF2's fixed 32 x /8, a local diffusers folder's config.json. None for a hub id or a folder that is not there."""
     if codec.kind == "taef2":
         from .data.taef2 import DOWNSAMPLE, LATENT_CHANNELS
 
         return LATENT_CHANNELS, DOWNSAMPLE
-    if not codec.path:  # trained: one will be trained with these knobs; diffusers: nothing to read
+    if not codec.path:  # trained / vq: one will be trained with these knobs; diffusers: nothing to read
+        if codec.kind == "vq":
+            return codec.vq_latent_channels, 2 ** (len(codec.vq_channels) - 1)
         return (codec.vae_latent_channels, 2 ** (len(codec.vae_channels) - 1)) if codec.kind == "trained" else None
-    folder = Path(codec.path).expanduser() / (codec.subfolder if codec.kind == "diffusers" else "")
+    folder = Path(codec.path).expanduser() / (codec.subfolder if codec.kind in ("diffusers", "vq") else "")
     config = folder / "config.json"
     if not config.is_file():
         return None
@@ -322,7 +330,8 @@ def codec_geometry(codec: CodecConfig) -> tuple[int, int] | None:
         vae = json.loads(config.read_text())
         return int(vae["latent_channels"]), 2 ** (len(vae["block_out_channels"]) - 1)
     except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{config}: not an AutoencoderKL config (latent_channels, block_out_channels): {e}") from None
+        raise ConfigError(f"{config}: not an AutoencoderKL / VQModel config (latent_channels, block_out_channels): "
+                          f"{e}") from None
 
 
 def derive_latent_shape(cfg: Config, fallback: dict | None = None) -> Config:
@@ -359,7 +368,7 @@ def validate(cfg: Config) -> Config:
     _choice("model.moe_routing", m.moe_routing, ("expert_choice", "token_choice"))
     _choice("model.attention", m.attention, ("auto", "sdpa", "flex"))
     _choice("flow.t_sampling", f.t_sampling, ("uniform", "logit_normal"))
-    _choice("codec.kind", cfg.codec.kind, ("trained", "diffusers", "taef2"))
+    _choice("codec.kind", cfg.codec.kind, ("trained", "diffusers", "taef2", "vq"))
     _choice("data.source", d.source, ("shapes", "imagefolder", "coco", "webdataset", "hf", "latents"))
     _choice("data.crop", d.crop, ("center", "random"))
     _choice("train.mixed_precision", t.mixed_precision, ("auto", "no", "bf16", "fp16"))
@@ -369,6 +378,7 @@ def validate(cfg: Config) -> Config:
                           f"scheduler's sigma grid and integrates with Euler steps, so schedulers that need their "
                           f"own step() (Heun, LCM, DDIM, ...) would run as something else")
     _check_counters(cfg)
+    _validate_vq(cfg.codec, d.resolution)  # before the latent shape is derived from its knobs
     _check_latent_shape(cfg)
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
@@ -427,7 +437,8 @@ def _check_counters(cfg: Config) -> None:
     m, d, c, t, s, e = cfg.model, cfg.data, cfg.codec, cfg.train, cfg.sample, cfg.eval
     at_least_one = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
                     "data.seq_len": d.seq_len, "data.batch_size": d.batch_size, "data.resolution": d.resolution,
-                    "data.max_caption_tokens": d.max_caption_tokens, "data.stream_lanes": d.stream_lanes, "data.shapes_train_size": d.shapes_train_size,
+                    "data.max_caption_tokens": d.max_caption_tokens, "data.stream_lanes": d.stream_lanes,
+                    "data.shapes_train_size": d.shapes_train_size,
                     "data.shapes_val_size": d.shapes_val_size, "codec.vae_steps": c.vae_steps,
                     "codec.vae_latent_channels": c.vae_latent_channels, "train.steps": t.steps,
                     "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
@@ -487,6 +498,28 @@ def _check_codec_geometry(cfg: Config) -> None:
     if m.latent_size != res // factor:
         raise ConfigError(f"model.latent_size={m.latent_size} but data.resolution={res} / the codec's factor "
                           f"{factor} = {res // factor} ({codec}); leave it at 0 to derive it")
+
+
+def _validate_vq(c: CodecConfig, resolution: int) -> None:
+    """The small VQModel's knobs (checked whatever the kind, as the VAE's are), and kind=vq's needs."""
+    if c.vq_steps < 1 or c.vq_latent_channels < 1:
+        raise ConfigError(f"codec.vq_steps={c.vq_steps} and codec.vq_latent_channels={c.vq_latent_channels} "
+                          f"must be >= 1")
+    if not 2 <= c.vq_codebook_size <= 2 ** 20:
+        raise ConfigError(f"codec.vq_codebook_size={c.vq_codebook_size} must lie in [2, 2**20]")
+    if not c.vq_channels or not all(isinstance(ch, int) and not isinstance(ch, bool) and ch >= 1
+                                    for ch in c.vq_channels):
+        raise ConfigError(f"codec.vq_channels={list(c.vq_channels)} must be a non-empty list of positive "
+                          f"ints (one per block; 2 ** (blocks - 1) downsampling)")
+    if c.vq_chroma_weight < 0:
+        raise ConfigError(f"codec.vq_chroma_weight={c.vq_chroma_weight} must be >= 0")
+    down = 2 ** (len(c.vq_channels) - 1)
+    if c.kind == "vq" and not c.path and resolution % down:
+        raise ConfigError(f"data.resolution={resolution} is not a multiple of the VQ tokenizer's downsampling "
+                          f"{down} (codec.vq_channels has {len(c.vq_channels)} blocks)")
+    if c.subfolder and (not c.path or Path(c.subfolder).is_absolute() or ".." in Path(c.subfolder).parts):
+        raise ConfigError(f"codec.subfolder={c.subfolder!r} must be a relative folder inside codec.path "
+                          f"(codec.path={c.path!r})")
 
 
 def replace(cfg: Config, **sections: dict) -> Config:

@@ -3,7 +3,8 @@
 Pixels are always (N, 3, H, W) in [0, 1]; latents are always normalised, ``(z - shift) * scale``,
 so the flow sees roughly unit-variance inputs whichever autoencoder produced them. Backends:
 a diffusers ``AutoencoderKL`` (hub id or folder, including the small one ``vae_train`` writes) and
-TAEF2 (our own ``taef2.py`` loading the upstream ``.pth`` files).
+TAEF2 (our own ``taef2.py`` loading the upstream ``.pth`` files). ``PixelCodec`` holds what it shares
+with the discrete image tokenizer (vq.py): the size check, the device and the batching.
 """
 from __future__ import annotations
 
@@ -47,20 +48,15 @@ class _TinyBackend(nn.Module):
         return self.decoder(z)
 
 
-class LatentCodec(nn.Module):
-    """Normalised latents in, [0, 1] pixels out, batched and gradient-free.
+class PixelCodec(nn.Module):
+    """What every image codec shares: a frozen ``backend`` that sees [0, 1] pixels ``downsample`` times
+    smaller, run gradient-free in chunks of ``batch_size`` on the backend's device. ``name`` identifies
+    the weights (and anything else that changes the codes), so caches keyed by it never mix codecs."""
 
-    ``name`` identifies the weights and the normalisation, so latent caches keyed by it never mix
-    latents from two different codecs.
-    """
-
-    def __init__(self, backend: nn.Module, latent_channels: int, downsample: int, scaling_factor: float,
-                 shift_factor: float, name: str, batch_size: int = 64):
+    def __init__(self, backend: nn.Module, downsample: int, name: str, batch_size: int = 64):
         super().__init__()
         self.backend = backend.eval().requires_grad_(False)
-        self.latent_channels, self.downsample = int(latent_channels), int(downsample)
-        self.scaling_factor, self.shift_factor = float(scaling_factor), float(shift_factor)
-        self.name, self.batch_size = name, batch_size
+        self.downsample, self.name, self.batch_size = int(downsample), name, batch_size
 
     def _param(self) -> torch.Tensor:
         return next(self.backend.parameters())
@@ -71,16 +67,37 @@ class LatentCodec(nn.Module):
                              f"downsampling factor {self.downsample}")
         return resolution // self.downsample
 
-    @torch.no_grad()
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [0, 1] -> (N, C, H/d, W/d) normalised float32 latents on the codec's device."""
+    def _check_pixels(self, pixels: torch.Tensor) -> None:
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"encode expects pixels of shape (N, 3, H, W), got {tuple(pixels.shape)}")
         self.latent_size(pixels.shape[-1]), self.latent_size(pixels.shape[-2])
-        p = self._param()
-        out = [self.backend.encode(chunk.to(p.device, p.dtype)).float()
-               for chunk in pixels.split(self.batch_size)]
-        return (torch.cat(out) - self.shift_factor) * self.scaling_factor
+
+    def _batched(self, fn, x: torch.Tensor) -> torch.Tensor:
+        """``fn`` over chunks of ``x`` (moved to the backend's device), concatenated."""
+        device = self._param().device
+        return torch.cat([fn(chunk.to(device)) for chunk in x.split(self.batch_size)])
+
+
+class LatentCodec(PixelCodec):
+    """Normalised latents in, [0, 1] pixels out, batched and gradient-free.
+
+    ``name`` identifies the weights and the normalisation, so latent caches keyed by it never mix
+    latents from two different codecs.
+    """
+
+    def __init__(self, backend: nn.Module, latent_channels: int, downsample: int, scaling_factor: float,
+                 shift_factor: float, name: str, batch_size: int = 64):
+        super().__init__(backend, downsample, name, batch_size)
+        self.latent_channels = int(latent_channels)
+        self.scaling_factor, self.shift_factor = float(scaling_factor), float(shift_factor)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] -> (N, C, H/d, W/d) normalised float32 latents on the codec's device."""
+        self._check_pixels(pixels)
+        dtype = self._param().dtype
+        out = self._batched(lambda chunk: self.backend.encode(chunk.to(dtype)).float(), pixels)
+        return (out - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -88,11 +105,10 @@ class LatentCodec(nn.Module):
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
             raise ValueError(f"decode expects latents of shape (N, {self.latent_channels}, h, w), "
                              f"got {tuple(latents.shape)}")
-        p = self._param()
-        out = [self.backend.decode((chunk.to(p.device).float() / self.scaling_factor + self.shift_factor)
-                                   .to(p.dtype)).float()
-               for chunk in latents.split(self.batch_size)]
-        return torch.cat(out).clamp_(0, 1)
+        dtype = self._param().dtype
+        out = self._batched(lambda chunk: self.backend.decode(
+            (chunk.float() / self.scaling_factor + self.shift_factor).to(dtype)).float(), latents)
+        return out.clamp_(0, 1)
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, latent_channels={self.latent_channels}, downsample={self.downsample}, "
@@ -176,6 +192,9 @@ def load_codec(cfg: CodecConfig) -> LatentCodec:
                 f"TAEF2 weights not given: {missing} (the tiny FLUX.2 autoencoder from github.com/madebyollin/taesd). "
                 f"Pass codec.encoder_path= and codec.decoder_path=, or codec.path=<folder holding both .pth files>")
         return LatentCodec.from_taef2(enc, dec, 1.0 if scale is None else scale, 0.0 if shift is None else shift)
+    if cfg.kind == "vq":
+        raise ValueError("codec.kind=vq gives discrete image tokens (data/vq.py ImageTokenizer, the Chameleon "
+                         "setting), not the latents this model trains on; use codec.kind=trained, diffusers or taef2")
     raise ValueError(f"codec.kind must be 'trained', 'diffusers' or 'taef2', got {cfg.kind!r}")
 
 

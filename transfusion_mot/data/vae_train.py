@@ -85,11 +85,7 @@ def train_vae(images: ImageBatches, out_dir: str | Path, resolution: int, steps:
         if latent_noise:
             z = z + latent_noise * z.detach().std() * torch.randn(z.shape, generator=gen).to(z.device)
         recon = vae.decode(z).sample
-        err = (recon - x).abs() + (recon - x).pow(2)  # L1 + MSE per pixel and channel
-        if chroma_weight:
-            chroma = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) / 2  # [-1, 1] images: /2 -> [0, 1]
-            err = err * (1 + chroma_weight * chroma)
-        loss = err.mean() + KL_WEIGHT * posterior.kl().mean()
+        loss = pixel_loss(recon, x, chroma_weight) + KL_WEIGHT * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -108,6 +104,16 @@ def train_vae(images: ImageBatches, out_dir: str | Path, resolution: int, steps:
     return out_dir
 
 
+def pixel_loss(recon: torch.Tensor, x: torch.Tensor, chroma_weight: float = 0.0) -> torch.Tensor:
+    """L1 + MSE per pixel and channel of [-1, 1] images, each pixel weighted by ``1 + chroma_weight * chroma``
+    of the target (max - min of RGB in [0, 1]): small saturated shapes count against a large grey background."""
+    err = (recon - x).abs() + (recon - x).pow(2)  # (B, 3, H, W)
+    if chroma_weight:
+        chroma = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) / 2  # [-1, 1] images: /2 -> [0, 1]
+        err = err * (1 + chroma_weight * chroma)
+    return err.mean()
+
+
 @torch.no_grad()
 def measure(vae, batches: list[torch.Tensor]) -> dict[str, float]:
     """Held-out latent mean/std (posterior mode, as the codec encodes) and mean per-image PSNR in dB."""
@@ -122,23 +128,30 @@ def measure(vae, batches: list[torch.Tensor]) -> dict[str, float]:
     return {"latent_mean": z.mean().item(), "latent_std": z.std().item(), "psnr": torch.cat(psnrs).mean().item()}
 
 
-def cached_vae_dir(cache_dir: str | Path, key: str) -> Path:
-    """Where the VAE for ``key`` lives: ``<cache_dir>/vae/<key>`` (cache_dir honours $TRANSFUSION_MOT_CACHE)."""
+def cached_vae_dir(cache_dir: str | Path, key: str, kind: str = "vae") -> Path:
+    """Where the VAE for ``key`` lives: ``<cache_dir>/<kind>/<key>`` (cache_dir honours $TRANSFUSION_MOT_CACHE)."""
     if not key or "/" in key or key.startswith("."):
         raise ValueError(f"VAE cache key must be a plain, non-empty name, got {key!r}")
-    return resolve_cache_dir(cache_dir) / "vae" / key
+    return resolve_cache_dir(cache_dir) / kind / key
 
 
 def get_or_train_vae(key: str, images: ImageBatches, cache_dir: str | Path, **train_kwargs) -> Path:
     """Reuse the cached VAE for ``key`` when complete, else train it there (safe when processes race)."""
-    target = cached_vae_dir(cache_dir, key)
+    return get_or_train(key, images, cache_dir, train_vae, "vae", **train_kwargs)
+
+
+def get_or_train(key: str, images: ImageBatches, cache_dir: str | Path, train: Callable[..., Path], kind: str,
+                 **train_kwargs) -> Path:
+    """``<cache_dir>/<kind>/<key>`` when complete (its codec.json written), else ``train(images, that
+    folder, **train_kwargs)`` under a lock: the first process trains, racing ones wait and reuse it."""
+    target = cached_vae_dir(cache_dir, key, kind)
     if (target / CODEC_JSON).is_file():
         return target
     with _file_lock(target.parent / f".{key}.lock"):
         if (target / CODEC_JSON).is_file():  # another process trained it while we waited
             return target
         train_kwargs.setdefault("name", key)
-        return train_vae(images, target, **train_kwargs)
+        return train(images, target, **train_kwargs)
 
 
 def _random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
