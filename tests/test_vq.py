@@ -238,7 +238,7 @@ def test_validate_refuses_bad_vq_values(override: str, match: str):
 
 
 def test_validate_checks_resolution_against_the_tokenizer():
-    with pytest.raises(ConfigError, match=r"data.resolution=60.*downsampling factor 8"):
+    with pytest.raises(ConfigError, match=r"data.resolution=60.*downsampling 8"):
         load_config(None, ["codec.kind=vq", "data.resolution=60", "codec.vq_channels=[8, 8, 8, 8]"])
     with pytest.raises(ConfigError, match="codec.subfolder='../x'"):
         load_config(None, ["codec.kind=vq", "codec.path=/p", "codec.subfolder=../x"])
