@@ -243,7 +243,7 @@ def test_validate_checks_resolution_against_the_tokenizer():
     with pytest.raises(ConfigError, match="codec.subfolder='../x'"):
         load_config(None, ["codec.kind=vq", "codec.path=/p", "codec.subfolder=../x"])
     load_config(None, ["codec.kind=vq", "data.resolution=60", "codec.path=/some/vq",  # its own downsampling,
-                       "model.latent_channels=8", "model.latent_size=30"])  # which a missing folder cannot tell
+                       "model.latent_channels=8", "model.latent_size=16"])  # which a missing folder cannot tell
     cfg = load_config(str(REPO / "configs" / "main.yaml"), ["codec.kind=vq"])  # the defaults fit the main job
     assert cfg.data.resolution % 2 ** (len(cfg.codec.vq_channels) - 1) == 0
 
