@@ -29,6 +29,7 @@ def _smoke_here(out, *extra) -> None:
 
 
 # six debug runs: ~70 s of CPU on an idle 2-core machine (the issue asks for this smoke run in the suite)
+@pytest.mark.slow  # seven debug runs, ~45-70 s: slow (.ci/run runs it)
 def test_smoke_writes_plot_table_and_headline(tmp_path, capsys):
     res = _smoke(tmp_path, "--norms", "post")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -151,6 +151,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two accelerate-launched processes, ~20 s: slow (.ci/run runs it)
 def test_encode_in_two_processes(setup):
     tmp_path, overrides = setup
     out = tmp_path / "latents2"

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO
 
@@ -18,6 +19,7 @@ def _check(*args, timeout=600) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHON": sys.executable}, timeout=timeout)
 
 
+@pytest.mark.slow  # the whole GPU check at tiny sizes, ~40 s: slow (.ci/run runs it)
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     res = _check("--dry-run", "--out", tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]

@@ -58,6 +58,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two accelerate-launched processes, ~25 s: slow (.ci/run runs it)
 def test_generation_split_across_two_processes_equals_one(debug_run, tmp_path):
     """``accelerate launch --num_processes 2 eval/prompt_following.py``: each process its share of the
     chunks, images written by index; the union is the one-process run's images and score."""

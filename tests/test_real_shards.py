@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 import webdataset as wds
 from conftest import REPO, debug_overrides
@@ -72,6 +73,7 @@ def _losses(run: Path) -> list:
     return [(r["step"], r["loss_lm"], r["loss_flow"]) for r in rows if "loss_lm" in r]
 
 
+@pytest.mark.slow  # real shards encoded, trained, killed and resumed, ~60 s: slow (.ci/run runs it)
 def test_real_shards_encode_train_kill_resume(assets_dir: Path, tmp_path: Path, monkeypatch):
     shards = write_shards(assets_dir, tmp_path / "shards")
     enc_cfg = load_config(DEBUG, ["data.source=webdataset", f"data.path={shards}/real-{{000..005}}.tar",

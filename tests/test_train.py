@@ -52,6 +52,7 @@ def _env():
     return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.slow  # two accelerate-launched processes, ~40 s: slow (.ci/run runs it)
 def test_two_processes_match_one(tmp_path, debug_vae):
     # 3 steps: the third loss is the first to see an lr from the schedule after a step (accelerate steps a
     # prepared scheduler once per process unless told not to; see build_accelerator).
