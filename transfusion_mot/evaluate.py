@@ -58,7 +58,11 @@ class Evaluator:
 
     def validation(self, model) -> dict:
         out = {}
-        if self.is_main:
+        if self.is_main and self.cfg.model.setting == "chameleon":
+            from .metrics.validation import next_token_validation
+
+            out = next_token_validation(model, self.val_pairs(), self.specials, batch_size=self.cfg.eval.batch_size)
+        elif self.is_main:
             res = validation_losses(model, self.val_pairs(), self.specials, grid=self.cfg.eval.val_t_grid,
                                     seed=self.cfg.eval.val_seed, batch_size=self.cfg.eval.batch_size)
             out = res.to_dict()
@@ -78,9 +82,18 @@ class Evaluator:
             steps = self.cfg.eval.sample_steps or self.cfg.sample.steps
             t0 = time.time()
             s = self.cfg.sample
-            latents = generate_images(model, ids, self.specials, steps=steps, cfg_scale=s.cfg_scale, seed=s.seed,
-                                      batch_size=self.cfg.eval.batch_size, scheduler=s.scheduler,
-                                      shift=self.cfg.flow.shift)
+            if self.cfg.model.setting == "chameleon":  # codes sampled with CFG on logits, decoded by the VQ model
+                from .sample_tokens import generate_image_tokens
+
+                steps = self.cfg.model.latent_size ** 2  # one model call per code
+                latents = generate_image_tokens(model, ids, self.specials, cfg_scale=s.cfg_scale,
+                                                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+                                                batch_size=self.cfg.eval.batch_size,
+                                                n_codes=self.codec.codebook_size)
+            else:
+                latents = generate_images(model, ids, self.specials, steps=steps, cfg_scale=s.cfg_scale, seed=s.seed,
+                                          batch_size=self.cfg.eval.batch_size, scheduler=s.scheduler,
+                                          shift=self.cfg.flow.shift)
             images = self.codec.decode(latents.to(next(self.codec.parameters()).device)).float().cpu()
             seconds = time.time() - t0
             scores = None
@@ -130,6 +143,7 @@ class Evaluator:
 def summary_table(results: dict) -> str:
     rows = [("steps", results.get("step")), ("train text loss", results.get("loss_lm")),
             ("train flow loss", results.get("loss_flow")), ("val diffusion loss (t grid)", results.get("val_flow")),
+            ("val image-code NLL (text->image)", results.get("val_image_nll")),
             ("val text perplexity", results.get("val_ppl")), ("val caption NLL (image->text)", results.get("val_caption_nll")),
             ("prompt-following (held-out)", results.get("prompt_following")),
             ("prompt-following, chance", results.get("prompt_following_chance")),
