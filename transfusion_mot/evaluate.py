@@ -140,14 +140,16 @@ class Evaluator:
         return summary
 
 
-def summary_table(results: dict) -> str:
-    rows = [("steps", results.get("step")), ("train text loss", results.get("loss_lm")),
-            ("train flow loss", results.get("loss_flow")), ("val diffusion loss (t grid)", results.get("val_flow")),
+def summary_table(results: dict, chameleon: bool = False) -> str:
+    train_rows = ([("train next-token loss (text + image codes)", results.get("loss_lm"))] if chameleon else
+                  [("train text loss", results.get("loss_lm")), ("train flow loss", results.get("loss_flow"))])
+    rows = [("steps", results.get("step")), *train_rows, ("val diffusion loss (t grid)", results.get("val_flow")),
             ("val image-code NLL (text->image)", results.get("val_image_nll")),
             ("val text perplexity", results.get("val_ppl")), ("val caption NLL (image->text)", results.get("val_caption_nll")),
             ("prompt-following (held-out)", results.get("prompt_following")),
             ("prompt-following, chance", results.get("prompt_following_chance")),
-            ("prompt-following of VAE reconstructions (ceiling)", results.get("prompt_following_codec")),
+            (f"prompt-following of {'VQ' if chameleon else 'VAE'} reconstructions (ceiling)",
+             results.get("prompt_following_codec")),
             ("sampling seconds", results.get("sample_seconds"))]
     lines = ["| metric | value |", "|---|---|"]
     for name, value in rows:
@@ -157,15 +159,20 @@ def summary_table(results: dict) -> str:
 
 
 def write_report(cfg: Config, results: dict, run_dir: Path) -> str:
-    table = summary_table(results)
-    text = f"""# {cfg.name}: {cfg.model.arch} on {cfg.data.source}
+    chameleon = cfg.model.setting == "chameleon"
+    table = summary_table(results, chameleon)
+    sampling = (f"{cfg.model.latent_size}x{cfg.model.latent_size} VQ codes drawn one by one (temperature "
+                f"{cfg.sample.temperature}, top-k {cfg.sample.top_k}, top-p {cfg.sample.top_p}), CFG on logits "
+                f"{cfg.sample.cfg_scale}, seed {cfg.sample.seed}" if chameleon else
+                f"{results.get('sample_steps')} Euler steps ({cfg.sample.scheduler} grid, shift {cfg.flow.shift}),\n"
+                f"  CFG {cfg.sample.cfg_scale}, seed {cfg.sample.seed}")
+    text = f"""# {cfg.name}: {cfg.model.arch} on {cfg.data.source}{' (Chameleon setting)' if chameleon else ''}
 
 {table}
 
 - Model: {cfg.model.arch}, dim {cfg.model.dim}, {cfg.model.n_layers} layers, {cfg.model.n_heads} heads,
   latents {cfg.model.latent_channels}x{cfg.model.latent_size}x{cfg.model.latent_size}, patch {cfg.model.patch_size}.
-- Sampling: {results.get('sample_steps')} Euler steps ({cfg.sample.scheduler} grid, shift {cfg.flow.shift}),
-  CFG {cfg.sample.cfg_scale}, seed {cfg.sample.seed}.
+- Sampling: {sampling}.
 - Prompt-following is the shapes checker's mean score over {results.get('n_prompts')} held-out test prompts
   (colour, shape, count, size and relation facts read back from the pixels); chance is the score of
   real shapes images against unrelated prompts; the ceiling is the score of the real held-out images
