@@ -156,3 +156,40 @@ def test_debug_chameleon_run_trains_samples_and_captions(tmp_path):
     codes = generate_image_tokens(model, [[65, 66]], sp, temperature=1.0, top_k=16, n_codes=tokenizer.codebook_size)
     assert codes.shape == (1, 8, 8) and tokenizer.decode(codes).shape == (1, 3, 32, 32)
     assert len(caption_image_tokens(model, codes, sp, max_new_tokens=4)[0]) > 0
+
+
+def test_flex_attention_samples_the_same_codes_as_sdpa():
+    """``model.attention=flex`` (a BlockMask of the new queries against the cached keys) and SDPA agree."""
+    models = [chameleon_model(f"model.attention={a}") for a in ("sdpa", "flex")]
+    for m in models:
+        torch.manual_seed(1)
+        for p in m.parameters():
+            p.data.normal_(0, 0.2)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    codes = [generate_image_tokens(m, prompts, SPECIALS, cfg_scale=2.0, temperature=1.0, top_k=8, seed=1)
+             for m in models]
+    assert torch.equal(codes[0], codes[1])
+    assert caption_image_tokens(models[0], codes[0], SPECIALS, max_new_tokens=5) == \
+        caption_image_tokens(models[1], codes[0], SPECIALS, max_new_tokens=5)
+
+
+def test_chameleon_run_resumes_exactly(tmp_path):
+    """Stopped at step 2 and resumed (the run's own vq/ copy of the tokenizer, the data position, the
+    optimizer), a run logs the same losses and ends with the same weights as one that ran straight."""
+    from safetensors.torch import load_file
+
+    from transfusion_mot.train import train
+
+    def run(out, *extra):
+        cfg = load_config(str(REPO / "configs" / "chameleon_debug.yaml"),
+                          debug_overrides(out, "train.steps=4", "train.log_every=1", "train.save_every=2",
+                                          "codec.vq_steps=5", "train.ema_decay=0.9", *extra))
+        train(cfg, evaluate_at_end=False)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss_lm"]) for r in rows if "loss_lm" in r]
+
+    straight = run(tmp_path / "a")
+    assert [s for s, _ in run(tmp_path / "b", "train.stop_after=2")] == [1, 2]
+    assert run(tmp_path / "b", "train.resume=auto") == straight
+    wa, wb = (load_file(tmp_path / x / "model" / "model.safetensors") for x in "ab")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
