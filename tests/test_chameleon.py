@@ -125,6 +125,8 @@ def test_chameleon_config_checks():
         load_config(None, ["model.setting=chameleon", "model.patch_size=1"])
     with pytest.raises(ConfigError, match="model.patch_size=2"):
         load_config(None, ["model.setting=chameleon", "codec.kind=vq"])
+    with pytest.raises(ConfigError, match="data.source=latents"):
+        load_config(str(REPO / "configs" / "chameleon_debug.yaml"), ["data.source=latents", "data.path=/x"])
     cfg = load_config(str(REPO / "configs" / "chameleon_debug.yaml"))
     assert cfg.model.image_vocab_size == cfg.codec.vq_codebook_size and cfg.model.latent_size == 8
 

@@ -527,6 +527,9 @@ def _check_setting(cfg: Config) -> None:
         return
     if kind != "vq":
         raise ConfigError(f"model.setting=chameleon needs discrete image tokens: codec.kind=vq, not {kind!r}")
+    if cfg.data.source == "latents":
+        raise ConfigError("data.source=latents: encoded shards hold continuous latents, not the VQ codes "
+                          "model.setting=chameleon reads; stream the images (data.source=webdataset) instead")
     if m.patch_size != 1:
         raise ConfigError(f"model.patch_size={m.patch_size}: model.setting=chameleon takes one token per VQ code; "
                           f"set model.patch_size=1")
