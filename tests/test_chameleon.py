@@ -195,3 +195,38 @@ def test_chameleon_run_resumes_exactly(tmp_path):
     assert run(tmp_path / "b", "train.resume=auto") == straight
     wa, wb = (load_file(tmp_path / x / "model" / "model.safetensors") for x in "ab")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    """Two gloo processes with half the rows each log the losses one process logs (the next-token loss is
+    normalised by the global count of text + image targets)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import free_port
+
+    config = str(REPO / "configs" / "chameleon_debug.yaml")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    common = debug_overrides("X", "train.steps=3", "train.log_every=1", "train.save_every=3", "codec.vq_steps=5")
+    one = [a.replace("X", str(tmp_path / "one")) for a in common] + ["data.batch_size=4"]
+    two = [a.replace("X", str(tmp_path / "two")) for a in common] + ["data.batch_size=2"]
+    subprocess.run([sys.executable, "-m", "transfusion_mot.train", "--config", config, "--no-eval", *one],
+                   check=True, env=env, cwd=REPO, capture_output=True)
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    res = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                          "-m", "transfusion_mot.train", "--config", config, "--no-eval", *two],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    def losses(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss_lm"]) for r in rows if "loss_lm" in r]
+
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    for (sa, la), (sb, lb) in zip(a, b):
+        assert sa == sb and abs(la - lb) < 1e-5
