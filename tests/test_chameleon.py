@@ -192,6 +192,8 @@ def test_chameleon_run_resumes_exactly(tmp_path):
 
     straight = run(tmp_path / "a")
     assert [s for s, _ in run(tmp_path / "b", "train.stop_after=2")] == [1, 2]
+    with pytest.raises(ValueError, match=r"codec.vq_steps: the tokenizer has 5, the config asks for 6"):
+        run(tmp_path / "b", "train.resume=auto", "codec.vq_steps=6")  # the run's tokenizer is not swapped
     assert run(tmp_path / "b", "train.resume=auto") == straight
     wa, wb = (load_file(tmp_path / x / "model" / "model.safetensors") for x in "ab")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

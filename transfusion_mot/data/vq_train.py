@@ -235,7 +235,9 @@ def run_tokenizer(cfg, run_dir: Path, accelerator=None, records=None) -> ImageTo
     if cfg.codec.path:
         tokenizer = load_image_tokenizer(cfg.codec)
     else:
-        if not (local / "config.json").is_file():
+        if (local / "config.json").is_file():
+            check_run_tokenizer(local, cfg, records)  # one left by another config is refused, before any work
+        else:
             ctx = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
             with ctx:
                 src = train_tokenizer_for(cfg, records=records)
@@ -249,6 +251,25 @@ def run_tokenizer(cfg, run_dir: Path, accelerator=None, records=None) -> ImageTo
         tokenizer = ImageTokenizer.from_pretrained(local)
     check_tokenizer(tokenizer, cfg)
     return tokenizer
+
+
+def check_run_tokenizer(local: Path, cfg, records) -> None:
+    """``run_dir/vq`` is reused only if trained on this data with this config's knobs (``vq_key``'s fields)."""
+    from .codec import CODEC_JSON
+    from .pipeline import _records_name
+
+    have = json.loads((local / CODEC_JSON).read_text())
+    c = cfg.codec
+    want = {"name": ("the data", _records_name(records)), "resolution": ("data.resolution", cfg.data.resolution),
+            "steps": ("codec.vq_steps", c.vq_steps), "codebook_size": ("codec.vq_codebook_size", c.vq_codebook_size),
+            "latent_channels": ("codec.vq_latent_channels", c.vq_latent_channels),
+            "channels": ("codec.vq_channels", list(c.vq_channels)),
+            "chroma_weight": ("codec.vq_chroma_weight", c.vq_chroma_weight), "seed": ("train.seed", cfg.train.seed)}
+    differ = [f"{key}: the tokenizer has {have.get(field)!r}, the config asks for {value!r}"
+              for field, (key, value) in want.items() if have.get(field) != value]
+    if differ:
+        raise ValueError(f"{local} holds a VQ tokenizer trained for other data or settings ({'; '.join(differ)}); "
+                         "a run dir keeps the tokenizer it was started with: use a new train.out_dir")
 
 
 def check_tokenizer(tokenizer: ImageTokenizer, cfg) -> None:
