@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfusion_mot import flow
+from transfusion_mot import flow, next_token
 from transfusion_mot.config import load_config
 from transfusion_mot.data.packing import Specials, pack
-from transfusion_mot.data.segments import Image, Text
+from transfusion_mot.data.segments import Image, ImageTokens, Text
 from transfusion_mot.data.tokenizer import build_tokenizer
 from transfusion_mot.model import build_model
 
@@ -48,16 +48,22 @@ def test_config_builds_packs_and_trains_a_step(path, assets_dir):
     ids = tokenizer.encode(_caption(cfg, assets_dir))[: cfg.data.max_caption_tokens]
     assert ids
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, m.latent_channels, m.latent_size, m.latent_size, generator=g)
-    docs = [[Text(ids), Image(latents[0])], [Image(latents[1], conditions_text=True), Text(ids)]]
+    chameleon = m.setting == "chameleon"
+    if chameleon:  # discrete image codes of the config's grid
+        codes = torch.randint(0, m.image_vocab_size, (2, m.latent_size, m.latent_size), generator=g)
+        docs = [[Text(ids), ImageTokens(codes[0])], [ImageTokens(codes[1], conditions_text=True), Text(ids)]]
+    else:
+        latents = torch.randn(2, m.latent_channels, m.latent_size, m.latent_size, generator=g)
+        docs = [[Text(ids), Image(latents[0])], [Image(latents[1], conditions_text=True), Text(ids)]]
     n_patches = (m.latent_size // m.patch_size) ** 2
     seq_len = min(cfg.data.seq_len, 2 * (4 + len(ids) + n_patches))
     batch = pack(docs, seq_len, specials, m.patch_size)
-    parts = flow.loss_parts(model, batch, cfg.flow, seed=0)
+    parts = (next_token if chameleon else flow).loss_parts(model, batch, cfg.flow, seed=0)
     loss = parts.total(cfg.flow.loss_weight, m.moe_aux_weight)
     loss.backward()
-    assert torch.isfinite(loss) and parts.lm_count > 0 and batch.n_images == 2
-    assert model.tok_emb.weight.grad[specials.boi].abs().sum() > 0  # BOI is embedded and trained
+    assert torch.isfinite(loss) and parts.lm_count > 0 and batch.n_images == (0 if chameleon else 2)
+    emb = model.adapters[0].emb if chameleon else model.tok_emb
+    assert emb.weight.grad[specials.boi].abs().sum() > 0  # BOI is embedded and trained
 
 
 def test_vocab_is_the_tokenizers_rounded_up_and_a_smaller_one_is_refused(tmp_path):

@@ -25,6 +25,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     size: str = ""  # a named size from model/sizes.py; its values are defaults for the keys below
+    # "transfusion": text tokens + continuous latents (LM + flow loss); "chameleon": text + discrete image
+    # tokens from a VQ tokenizer (codec.kind=vq), one next-token loss (model/chameleon.py)
+    setting: str = "transfusion"
     arch: str = "mot"  # "mot" (per-modality weights) | "dense" | "moe" (MoE-4x feed-forward)
     n_modalities: int = 2  # text, image (, speech ...): MoT has one weight group per modality
     dim: int = 256
@@ -37,6 +40,7 @@ class ModelConfig:
     vocab_size: int = 0  # 0: the tokenizer's vocabulary (with the BOI/EOI/pad specials), rounded up to 64
     latent_channels: int = 0  # 0: the codec's (codec_geometry); set, it must agree with the codec's
     latent_size: int = 0  # latent height = width; 0: data.resolution / the codec's downsampling
+    image_vocab_size: int = 0  # chameleon: rows of the image embedding / head; 0: the VQ codebook's size
     patch_size: int = 2
     moe_experts: int = 4  # used when arch == "moe"
     moe_routing: str = "expert_choice"  # "expert_choice" (MoT paper) | "token_choice" (top-1 + aux loss)
@@ -346,7 +350,20 @@ def derive_latent_shape(cfg: Config, fallback: dict | None = None) -> Config:
     for key, value in (fallback or {}).items():
         if not getattr(m, key):
             setattr(m, key, value)
+    if m.setting == "chameleon" and not m.image_vocab_size and cfg.codec.kind == "vq":
+        m.image_vocab_size = _codebook_size(cfg.codec)
     return cfg
+
+
+def _codebook_size(codec: CodecConfig) -> int:
+    """The VQ tokenizer's codebook size: its folder's config.json, or the small one's knob (0: unknown)."""
+    if not codec.path:
+        return codec.vq_codebook_size
+    config = Path(codec.path).expanduser() / codec.subfolder / "config.json"
+    try:
+        return int(json.loads(config.read_text())["num_vq_embeddings"]) if config.is_file() else 0
+    except (ValueError, KeyError, TypeError):
+        return 0
 
 
 def config_from_dict(tree: dict) -> Config:
@@ -364,6 +381,7 @@ def validate(cfg: Config) -> Config:
     """Every cross-field check, in one place. Raises ConfigError naming the keys and values."""
     m, d, f, o, t, s = cfg.model, cfg.data, cfg.flow, cfg.optim, cfg.train, cfg.sample
     _choice("model.arch", m.arch, ("mot", "dense", "moe"))
+    _choice("model.setting", m.setting, ("transfusion", "chameleon"))
     _choice("model.norm_placement", m.norm_placement, ("post", "pre"))
     _choice("model.moe_routing", m.moe_routing, ("expert_choice", "token_choice"))
     _choice("model.attention", m.attention, ("auto", "sdpa", "flex"))
@@ -379,6 +397,7 @@ def validate(cfg: Config) -> Config:
                           f"own step() (Heun, LCM, DDIM, ...) would run as something else")
     _check_counters(cfg)
     _validate_vq(cfg.codec, d.resolution)  # before the latent shape is derived from its knobs
+    _check_setting(cfg)
     _check_latent_shape(cfg)
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
@@ -498,6 +517,25 @@ def _check_codec_geometry(cfg: Config) -> None:
     if m.latent_size != res // factor:
         raise ConfigError(f"model.latent_size={m.latent_size} but data.resolution={res} / the codec's factor "
                           f"{factor} = {res // factor} ({codec}); leave it at 0 to derive it")
+
+
+def _check_setting(cfg: Config) -> None:
+    """Chameleon reads discrete image tokens (a VQ tokenizer, one token per code). (Transfusion with
+    codec.kind=vq is refused where a run loads its codec: the tokenizer's own tools load such configs.)"""
+    m, kind = cfg.model, cfg.codec.kind
+    if m.setting != "chameleon":
+        return
+    if kind != "vq":
+        raise ConfigError(f"model.setting=chameleon needs discrete image tokens: codec.kind=vq, not {kind!r}")
+    if cfg.data.source == "latents":
+        raise ConfigError("data.source=latents: encoded shards hold continuous latents, not the VQ codes "
+                          "model.setting=chameleon reads; stream the images (data.source=webdataset) instead")
+    if m.patch_size != 1:
+        raise ConfigError(f"model.patch_size={m.patch_size}: model.setting=chameleon takes one token per VQ code; "
+                          f"set model.patch_size=1")
+    if m.image_vocab_size < 1:
+        raise ConfigError(f"model.image_vocab_size={m.image_vocab_size}: the VQ codebook size is not known from the "
+                          f"config ({_codec_words(cfg.codec)}); set model.image_vocab_size")
 
 
 def _validate_vq(c: CodecConfig, resolution: int) -> None:

@@ -58,7 +58,11 @@ class Evaluator:
 
     def validation(self, model) -> dict:
         out = {}
-        if self.is_main:
+        if self.is_main and self.cfg.model.setting == "chameleon":
+            from .metrics.validation import next_token_validation
+
+            out = next_token_validation(model, self.val_pairs(), self.specials, batch_size=self.cfg.eval.batch_size)
+        elif self.is_main:
             res = validation_losses(model, self.val_pairs(), self.specials, grid=self.cfg.eval.val_t_grid,
                                     seed=self.cfg.eval.val_seed, batch_size=self.cfg.eval.batch_size)
             out = res.to_dict()
@@ -78,9 +82,18 @@ class Evaluator:
             steps = self.cfg.eval.sample_steps or self.cfg.sample.steps
             t0 = time.time()
             s = self.cfg.sample
-            latents = generate_images(model, ids, self.specials, steps=steps, cfg_scale=s.cfg_scale, seed=s.seed,
-                                      batch_size=self.cfg.eval.batch_size, scheduler=s.scheduler,
-                                      shift=self.cfg.flow.shift)
+            if self.cfg.model.setting == "chameleon":  # codes sampled with CFG on logits, decoded by the VQ model
+                from .sample_tokens import generate_image_tokens
+
+                steps = self.cfg.model.latent_size ** 2  # one model call per code
+                latents = generate_image_tokens(model, ids, self.specials, cfg_scale=s.cfg_scale,
+                                                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+                                                batch_size=self.cfg.eval.batch_size,
+                                                n_codes=self.codec.codebook_size)
+            else:
+                latents = generate_images(model, ids, self.specials, steps=steps, cfg_scale=s.cfg_scale, seed=s.seed,
+                                          batch_size=self.cfg.eval.batch_size, scheduler=s.scheduler,
+                                          shift=self.cfg.flow.shift)
             images = self.codec.decode(latents.to(next(self.codec.parameters()).device)).float().cpu()
             seconds = time.time() - t0
             scores = None
@@ -127,13 +140,16 @@ class Evaluator:
         return summary
 
 
-def summary_table(results: dict) -> str:
-    rows = [("steps", results.get("step")), ("train text loss", results.get("loss_lm")),
-            ("train flow loss", results.get("loss_flow")), ("val diffusion loss (t grid)", results.get("val_flow")),
+def summary_table(results: dict, chameleon: bool = False) -> str:
+    train_rows = ([("train next-token loss (text + image codes)", results.get("loss_lm"))] if chameleon else
+                  [("train text loss", results.get("loss_lm")), ("train flow loss", results.get("loss_flow"))])
+    rows = [("steps", results.get("step")), *train_rows, ("val diffusion loss (t grid)", results.get("val_flow")),
+            ("val image-code NLL (text->image)", results.get("val_image_nll")),
             ("val text perplexity", results.get("val_ppl")), ("val caption NLL (image->text)", results.get("val_caption_nll")),
             ("prompt-following (held-out)", results.get("prompt_following")),
             ("prompt-following, chance", results.get("prompt_following_chance")),
-            ("prompt-following of VAE reconstructions (ceiling)", results.get("prompt_following_codec")),
+            (f"prompt-following of {'VQ' if chameleon else 'VAE'} reconstructions (ceiling)",
+             results.get("prompt_following_codec")),
             ("sampling seconds", results.get("sample_seconds"))]
     lines = ["| metric | value |", "|---|---|"]
     for name, value in rows:
@@ -143,15 +159,20 @@ def summary_table(results: dict) -> str:
 
 
 def write_report(cfg: Config, results: dict, run_dir: Path) -> str:
-    table = summary_table(results)
-    text = f"""# {cfg.name}: {cfg.model.arch} on {cfg.data.source}
+    chameleon = cfg.model.setting == "chameleon"
+    table = summary_table(results, chameleon)
+    sampling = (f"{cfg.model.latent_size}x{cfg.model.latent_size} VQ codes drawn one by one (temperature "
+                f"{cfg.sample.temperature}, top-k {cfg.sample.top_k}, top-p {cfg.sample.top_p}), CFG on logits "
+                f"{cfg.sample.cfg_scale}, seed {cfg.sample.seed}" if chameleon else
+                f"{results.get('sample_steps')} Euler steps ({cfg.sample.scheduler} grid, shift {cfg.flow.shift}),\n"
+                f"  CFG {cfg.sample.cfg_scale}, seed {cfg.sample.seed}")
+    text = f"""# {cfg.name}: {cfg.model.arch} on {cfg.data.source}{' (Chameleon setting)' if chameleon else ''}
 
 {table}
 
 - Model: {cfg.model.arch}, dim {cfg.model.dim}, {cfg.model.n_layers} layers, {cfg.model.n_heads} heads,
   latents {cfg.model.latent_channels}x{cfg.model.latent_size}x{cfg.model.latent_size}, patch {cfg.model.patch_size}.
-- Sampling: {results.get('sample_steps')} Euler steps ({cfg.sample.scheduler} grid, shift {cfg.flow.shift}),
-  CFG {cfg.sample.cfg_scale}, seed {cfg.sample.seed}.
+- Sampling: {sampling}.
 - Prompt-following is the shapes checker's mean score over {results.get('n_prompts')} held-out test prompts
   (colour, shape, count, size and relation facts read back from the pixels); chance is the score of
   real shapes images against unrelated prompts; the ceiling is the score of the real held-out images

@@ -33,6 +33,7 @@ PURPOSES = (
     "sample_noise",  # initial noise of a generated image
     "val_noise",  # fixed noise of the diffusion validation loss
     "decode",  # token sampling in text generation / captioning
+    "image_tokens",  # the codes of a generated image (the Chameleon setting, sample_tokens.py)
 )
 
 

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from . import flow
+from . import flow, next_token
 from .components.checkpoint import Snapshot, TrainState, export_model
 from .components.ema import EMA
 from .components.optim import build_optimizer, build_scheduler
@@ -101,12 +101,13 @@ def train_step(model, batches: list, cfg: Config, accelerator: Accelerator, seed
     """Forward/backward over the step's micro-batches; returns the step's global losses."""
     lm_denom, flow_denom = global_counts(batches, accelerator)
     world = accelerator.num_processes
+    objective = next_token.loss_parts if cfg.model.setting == "chameleon" else flow.loss_parts
     totals = torch.zeros(3, device=accelerator.device)  # lm, flow, aux
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         ctx = accelerator.no_sync(model) if not last else _nullcontext()
         with ctx, accelerator.autocast():
-            parts = flow.loss_parts(model, batch, cfg.flow, seed)
+            parts = objective(model, batch, cfg.flow, seed)
             loss = parts.total(cfg.flow.loss_weight, 0.0, lm_denom, flow_denom)
             # DDP averages gradients over ranks: the LM / flow sums are over the global counts, so they are
             # scaled back up by world; the MoE aux loss is each rank's own mean, so DDP's average is its weight.
@@ -228,7 +229,7 @@ def _train(cfg: Config, engine: Engine, run_dir: Path, stop: "StopSignals", eval
         state.step += 1
         state.bad_steps = 0
         state.last_loss = losses["loss"]
-        state.examples_seen += sum(b.n_images for b in batches) * engine.num_processes
+        state.examples_seen += sum(int(b.doc_id.max()) + 1 for b in batches) * engine.num_processes  # documents
         bar.update(1)
 
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:

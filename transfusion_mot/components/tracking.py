@@ -53,7 +53,8 @@ def plot_losses(records: list[dict], out: str | Path, title: str = "") -> Path:
         ax.plot([r["step"] for r in train], [r[key] for r in train], lw=1, label="train")
         ax.set_title(label)
         ax.set_xlabel("step")
-        ax.set_yscale("log")
+        if any(r[key] > 0 for r in train):  # a Chameleon run has no flow loss (all 0)
+            ax.set_yscale("log")
     if val:
         axes[1].plot([r["step"] for r in val], [r["val_flow"] for r in val], "o-", label="val (fixed t grid)")
         if "val_lm" in val[0]:

@@ -9,6 +9,12 @@ within each document, so it holds there too).
 Text targets: position i predicts token i+1 when both are text of the same document. So the LM learns
 to emit BOI (start an image) and, after EOI, to continue the text; it never predicts patches, and EOI
 is appended by the sampler after the last patch.
+
+Discrete images (``ImageTokens``, the Chameleon setting) are ``BOI, id_1 ... id_n, EOI`` with the ids in
+the codebook's own id space at IMAGE positions, causal (no image id: the mask is the text mask), and
+predicted like text: position i predicts token i+1 whenever both are discrete tokens of the same
+document, so BOI predicts the first code, the last code predicts EOI. ``text_targets`` then holds each
+target in its own modality's id space; the modality of position i+1 says which head predicts it.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from .segments import Image, Text
+from .segments import Image, ImageTokens, Text
 
 TEXT, IMAGE = 0, 1  # modality ids; the backbone itself knows only "groups 0..M-1"
 IGNORE = -100
@@ -66,26 +72,36 @@ class Batch:
 
 def document_length(example: list, n_patches: int) -> int:
     """Tokens a document takes: BOS + EOS + text ids + (BOI + patches + EOI) per image."""
-    return 2 + sum(len(s.ids) if isinstance(s, Text) else n_patches + 2 for s in example)
+    return 2 + sum(len(s.ids) if isinstance(s, Text) else s.ids.numel() + 2 if isinstance(s, ImageTokens)
+                   else n_patches + 2 for s in example)
 
 
-def _doc_tokens(example: list, sp: Specials, n_patches: int) -> tuple[list[int], list[int], list[int]]:
-    """Token ids, modality and local image index (-1 off images) for one document."""
-    toks, mods, imgs = [sp.bos], [TEXT], [-1]
+def _doc_tokens(example: list, sp: Specials, n_patches: int) -> tuple[list[int], list[int], list[int], list[bool]]:
+    """Token ids, modality, local image index (-1 off continuous images) and whether each position is a
+    discrete token (text, markers, image codes: next-token targets) for one document."""
+    toks, mods, imgs, discrete = [sp.bos], [TEXT], [-1], [True]
     n_img = 0
     for seg in example:
         if isinstance(seg, Text):
             toks += seg.ids
             mods += [TEXT] * len(seg.ids)
             imgs += [-1] * len(seg.ids)
+            discrete += [True] * len(seg.ids)
         elif isinstance(seg, Image):
             toks += [sp.boi] + [sp.pad] * n_patches + [sp.eoi]
             mods += [TEXT] + [IMAGE] * n_patches + [TEXT]
             imgs += [-1] + [n_img] * n_patches + [-1]
+            discrete += [True] + [False] * n_patches + [True]
             n_img += 1
+        elif isinstance(seg, ImageTokens):
+            n = seg.ids.numel()
+            toks += [sp.boi] + seg.ids.reshape(-1).tolist() + [sp.eoi]
+            mods += [TEXT] + [IMAGE] * n + [TEXT]
+            imgs += [-1] * (n + 2)
+            discrete += [True] * (n + 2)
         else:
-            raise TypeError(f"segments must be Text or Image, got {type(seg).__name__}")
-    return toks + [sp.eos], mods + [TEXT], imgs + [-1]
+            raise TypeError(f"segments must be Text, Image or ImageTokens, got {type(seg).__name__}")
+    return toks + [sp.eos], mods + [TEXT], imgs + [-1], discrete + [True]
 
 
 def pack(examples: list[list], seq_len: int, specials: Specials, patch_size: int,
@@ -127,7 +143,7 @@ def pack(examples: list[list], seq_len: int, specials: Specials, patch_size: int
     for r, members in enumerate(rows):
         col = 0
         for i in members:
-            toks, mods, imgs = _doc_tokens(examples[i], specials, n_patches)
+            toks, mods, imgs, discrete = _doc_tokens(examples[i], specials, n_patches)
             n = len(toks)
             span = slice(col, col + n)
             tokens[r, span] = torch.tensor(toks)
@@ -136,9 +152,9 @@ def pack(examples: list[list], seq_len: int, specials: Specials, patch_size: int
             position[r, span] = torch.arange(n)
             base = len(latents)
             image_id[r, span] = torch.tensor([base + j if j >= 0 else -1 for j in imgs])
-            is_text = torch.tensor(mods) == TEXT
+            is_discrete = torch.tensor(discrete)
             nxt = torch.tensor(toks[1:])
-            ok = is_text[:-1] & is_text[1:]
+            ok = is_discrete[:-1] & is_discrete[1:]
             targets[r, col:col + n - 1] = torch.where(ok, nxt, torch.full_like(nxt, IGNORE))
             j = 0
             for k, seg in enumerate(examples[i]):
@@ -166,9 +182,21 @@ def unpack(batch: Batch, specials: Specials) -> list[list]:
             cols = (docs == d).nonzero().squeeze(1)
             toks = batch.tokens[r, cols].tolist()[1:-1]  # drop BOS / EOS
             imgs = batch.image_id[r, cols].tolist()[1:-1]
+            mods = batch.modality[r, cols].tolist()[1:-1]
             segs, text, k = [], [], 0
             while k < len(toks):
-                if toks[k] == specials.boi and k + 1 < len(imgs) and imgs[k + 1] >= 0:
+                if toks[k] == specials.boi and k + 1 < len(imgs) and imgs[k + 1] < 0 and mods[k + 1] == IMAGE:
+                    if text:
+                        segs.append(Text(text))
+                        text = []
+                    end = k + 1
+                    while end < len(mods) and mods[end] == IMAGE:
+                        end += 1
+                    ids = torch.tensor(toks[k + 1:end])
+                    side = int(round(ids.numel() ** 0.5))  # the grid is not packed: square when it can be
+                    segs.append(ImageTokens(ids.reshape(side, side) if side * side == ids.numel() else ids[None]))
+                    k = end + 1  # past EOI
+                elif toks[k] == specials.boi and k + 1 < len(imgs) and imgs[k + 1] >= 0:
                     if text:
                         segs.append(Text(text))
                         text = []

@@ -24,7 +24,7 @@ from .. import rng
 from ..config import Config, DataConfig
 from .packing import Batch, Specials, pack
 from .sources import SkipStats
-from .segments import Image, Record, Text
+from .segments import Image, ImageTokens, Record, Text
 
 
 @dataclass
@@ -171,7 +171,10 @@ def collate_batch(prepared: list[Prepared], encode, cfg: Config, specials: Speci
     latents = encode([p.key for p in prepared], torch.stack([p.pixels for p in prepared]))
     examples = []
     for prep, lat in zip(prepared, latents):
-        img = Image(lat, conditions_text=not prep.caption_first)
+        if cfg.model.setting == "chameleon":  # VQ ids (h, w): exact in the cache's float32 (codebooks <= 2**20)
+            img = ImageTokens(lat.round().long(), conditions_text=not prep.caption_first)
+        else:
+            img = Image(lat, conditions_text=not prep.caption_first)
         text = Text(prep.caption_ids)
         examples.append([text, img] if prep.caption_first else [img, text])
     return pack(examples, cfg.data.seq_len, specials, cfg.model.patch_size, n_rows=cfg.data.batch_size,
@@ -475,7 +478,11 @@ def prepare_codec(cfg: Config, run_dir: Path, accelerator=None, records=None):
             accelerator.wait_for_everyone()
         codec = codec.to(accelerator.device if accelerator is not None else "cpu")
         return codec.eval(), lambda keys, latents: latents
-    if cfg.codec.kind == "trained":
+    if cfg.codec.kind == "vq" and cfg.model.setting == "chameleon":  # discrete image tokens
+        from .vq_train import run_tokenizer
+
+        codec = run_tokenizer(cfg, run_dir, accelerator, records)
+    elif cfg.codec.kind == "trained":
         local = run_dir / "vae"
         if (local / "codec.json").exists():
             check_run_codec(local, cfg, records)  # a VAE left by another config is refused, before any work
@@ -493,7 +500,8 @@ def prepare_codec(cfg: Config, run_dir: Path, accelerator=None, records=None):
         codec = load_codec(replace(cfg.codec, path=str(local)))
     else:
         codec = load_codec(cfg.codec)
-    check_codec(codec, cfg)
+    if cfg.model.setting != "chameleon":
+        check_codec(codec, cfg)
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     codec = codec.to(device).eval()
     cache = None
@@ -507,6 +515,10 @@ def load_run_codec(cfg: Config, run_dir: Path):
     """The codec a finished run used (its own ``vae/`` copy for trained VAEs)."""
     from .codec import load_codec
 
+    if cfg.codec.kind == "vq" and cfg.model.setting == "chameleon":
+        from .vq_train import load_run_tokenizer
+
+        return load_run_tokenizer(cfg, run_dir)
     if cfg.codec.kind == "trained":
         local = Path(run_dir) / "vae"
         if not local.exists() and cfg.data.source == "latents" and not cfg.codec.path:

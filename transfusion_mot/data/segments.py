@@ -35,4 +35,13 @@ class Image:
     conditions_text: bool = False
 
 
-Example = list  # list[Text | Image]
+@dataclass
+class ImageTokens:
+    """A discrete image segment (the Chameleon setting): VQ code ids (h, w), packed row-major between
+    BOI and EOI as causal tokens of the image modality, predicted like text (one next-token loss)."""
+
+    ids: torch.Tensor  # (h, w) long, in [0, codebook size)
+    conditions_text: bool = False
+
+
+Example = list  # list[Text | Image | ImageTokens]

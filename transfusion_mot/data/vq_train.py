@@ -220,3 +220,71 @@ def image_tokenizer_for(cfg, records=None) -> ImageTokenizer:
         return load_image_tokenizer(cfg.codec)
     folder = train_tokenizer_for(cfg, records=records)
     return load_image_tokenizer(replace(cfg.codec, path=str(folder), subfolder=""))
+
+
+def run_tokenizer(cfg, run_dir: Path, accelerator=None, records=None) -> ImageTokenizer:
+    """The tokenizer of a Chameleon run. A small one trained on the run's data is copied into
+    ``run_dir/vq`` (the run stays self-contained, as with ``run_dir/vae``) and read from there on resume;
+    one in ``codec.path`` is read where it is. Its grid and codebook must be what the model expects."""
+    import contextlib
+    import os
+    import shutil
+
+    local = Path(run_dir) / "vq"
+    main = accelerator is None or accelerator.is_main_process
+    if cfg.codec.path:
+        tokenizer = load_image_tokenizer(cfg.codec)
+    else:
+        if (local / "config.json").is_file():
+            check_run_tokenizer(local, cfg, records)  # one left by another config is refused, before any work
+        else:
+            ctx = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
+            with ctx:
+                src = train_tokenizer_for(cfg, records=records)
+            if main and not (local / "config.json").is_file():
+                tmp = Path(run_dir) / "vq.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src, tmp)
+                os.replace(tmp, local)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
+        tokenizer = ImageTokenizer.from_pretrained(local)
+    check_tokenizer(tokenizer, cfg)
+    return tokenizer
+
+
+def check_run_tokenizer(local: Path, cfg, records) -> None:
+    """``run_dir/vq`` is reused only if trained on this data with this config's knobs (``vq_key``'s fields)."""
+    from .codec import CODEC_JSON
+    from .pipeline import _records_name
+
+    have = json.loads((local / CODEC_JSON).read_text())
+    c = cfg.codec
+    want = {"name": ("the data", _records_name(records)), "resolution": ("data.resolution", cfg.data.resolution),
+            "steps": ("codec.vq_steps", c.vq_steps), "codebook_size": ("codec.vq_codebook_size", c.vq_codebook_size),
+            "latent_channels": ("codec.vq_latent_channels", c.vq_latent_channels),
+            "channels": ("codec.vq_channels", list(c.vq_channels)),
+            "chroma_weight": ("codec.vq_chroma_weight", c.vq_chroma_weight), "seed": ("train.seed", cfg.train.seed)}
+    differ = [f"{key}: the tokenizer has {have.get(field)!r}, the config asks for {value!r}"
+              for field, (key, value) in want.items() if have.get(field) != value]
+    if differ:
+        raise ValueError(f"{local} holds a VQ tokenizer trained for other data or settings ({'; '.join(differ)}); "
+                         "a run dir keeps the tokenizer it was started with: use a new train.out_dir")
+
+
+def check_tokenizer(tokenizer: ImageTokenizer, cfg) -> None:
+    """The model's token grid (model.latent_size) and image vocabulary must fit the tokenizer's."""
+    m, res = cfg.model, cfg.data.resolution
+    if res // tokenizer.downsample != m.latent_size or tokenizer.codebook_size > m.image_vocab_size:
+        raise ValueError(f"the image tokenizer {tokenizer.name} gives {res // tokenizer.downsample}x"
+                         f"{res // tokenizer.downsample} ids of {tokenizer.codebook_size} codes at data.resolution="
+                         f"{res}, but the model expects model.latent_size={m.latent_size} and at most "
+                         f"model.image_vocab_size={m.image_vocab_size} codes")
+
+
+def load_run_tokenizer(cfg, run_dir: Path) -> ImageTokenizer:
+    """The tokenizer a finished Chameleon run used (its own ``vq/`` copy when it trained one)."""
+    local = Path(run_dir) / "vq"
+    if not cfg.codec.path and (local / "config.json").is_file():
+        return ImageTokenizer.from_pretrained(local)
+    return image_tokenizer_for(cfg)

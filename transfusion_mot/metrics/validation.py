@@ -105,3 +105,46 @@ def _add_nll(acc: list, out, batch, specials: Specials, after_image: bool) -> No
     loss = F.cross_entropy(out.logits.float()[keep], targets[keep], reduction="sum")
     acc[0] += float(loss)
     acc[1] += int(keep.sum())
+
+
+@torch.no_grad()
+def next_token_validation(model, pairs: list[Pair], specials: Specials, batch_size: int = 16) -> dict:
+    """The Chameleon setting's validation (``pairs`` hold VQ codes (h, w) as ``latent``): image-code NLL
+    per code given the caption (text->image), caption NLL with no image before it (perplexity), and
+    caption NLL given the image (image->text), each a sum over the held-out pairs divided by its count."""
+    from ..data.segments import ImageTokens
+    from ..model.chameleon import next_token_predict
+
+    if not pairs:
+        raise ValueError("validation needs at least one held-out pair")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    seq = 4 + max(len(p.caption_ids) for p in pairs) + pairs[0].latent.numel()
+    acc = {"image": [0.0, 0], "text": [0.0, 0], "caption": [0.0, 0]}
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        codes = [ImageTokens(q.latent.round().long()) for q in chunk]
+        for order in ("t2i", "i2t"):
+            docs = [[Text(q.caption_ids), c] if order == "t2i" else [c, Text(q.caption_ids)] for q, c in zip(chunk, codes)]
+            b = pack(docs, seq, specials, 1).to(device)
+            predict = next_token_predict(b.modality, b.text_targets)
+            out = model(b, predict=predict)
+            targets = b.text_targets.reshape(-1)
+            inputs = b.tokens.reshape(-1)
+            if order == "t2i":
+                img = F.cross_entropy(out.logits[1].float(), targets[out.index[1]], reduction="sum")
+                acc["image"][0] += float(img)
+                acc["image"][1] += out.index[1].numel()
+            text_t, text_in = targets[out.index[0]], inputs[out.index[0]]
+            # as _add_nll: the caption's tokens (+ EOS after an image), never the BOI / EOI decisions
+            keep = (text_t != IGNORE) & (text_t != specials.boi) & (text_t != specials.eoi)
+            if order == "t2i":
+                keep &= text_in != specials.eoi
+            key = "text" if order == "t2i" else "caption"
+            acc[key][0] += float(F.cross_entropy(out.logits[0].float()[keep], text_t[keep], reduction="sum"))
+            acc[key][1] += int(keep.sum())
+    model.train(was_training)
+    mean = {k: s / max(n, 1) for k, (s, n) in acc.items()}
+    return {"val_image_nll": mean["image"], "val_lm": mean["text"], "val_ppl": math.exp(mean["text"]),
+            "val_caption_nll": mean["caption"]}

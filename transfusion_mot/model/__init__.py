@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import ModelConfig
+from .chameleon import Chameleon, TokenOutputs
 from .modality import PerModality, Routing, untie_from_dense
 from .mot import Backbone, BackboneConfig, KVCache
 from .sizes import SIZES
@@ -33,10 +34,12 @@ def model_vocab_size(cfg: ModelConfig, tokenizer_vocab: int | None = None) -> in
     return padded_vocab(tokenizer_vocab)
 
 
-def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> Transfusion:
-    """The model for a config; ``vocab_size`` is the tokenizer's (``model_vocab_size`` says what is built)."""
-    return Transfusion(dataclasses.replace(cfg, vocab_size=model_vocab_size(cfg, vocab_size)))
+def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> Transfusion | Chameleon:
+    """The model for a config (``model.setting``); ``vocab_size`` is the tokenizer's (``model_vocab_size``
+    says what is built)."""
+    cls = Chameleon if cfg.setting == "chameleon" else Transfusion
+    return cls(dataclasses.replace(cfg, vocab_size=model_vocab_size(cfg, vocab_size)))
 
 
-__all__ = ["Backbone", "BackboneConfig", "KVCache", "Outputs", "PerModality", "Routing", "SIZES",
+__all__ = ["Backbone", "BackboneConfig", "Chameleon", "TokenOutputs", "KVCache", "Outputs", "PerModality", "Routing", "SIZES",
            "Transfusion", "build_model", "model_vocab_size", "padded_vocab", "untie_from_dense"]

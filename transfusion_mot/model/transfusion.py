@@ -36,6 +36,8 @@ def backbone_config(cfg: ModelConfig) -> BackboneConfig:
 
 
 class Transfusion(nn.Module):
+    _embedding_names = ("tok_emb", "lm_head")  # left out of num_params(embeddings=False)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size < 1:
@@ -108,7 +110,7 @@ class Transfusion(nn.Module):
         """Total parameters, or those one token uses (``active``: one MoT group, one MoE expert)."""
         total = 0
         for name, p in self.named_parameters():
-            if not embeddings and name.startswith(("tok_emb", "lm_head")):
+            if not embeddings and name.startswith(self._embedding_names):
                 continue
             n = p.numel()
             if active and ".groups." in name:
