@@ -74,10 +74,7 @@ def train_vae(images: ImageBatches, out_dir: str | Path, resolution: int, steps:
     from tqdm.auto import tqdm
 
     for step in tqdm(range(steps), desc=f"vae ({name or 'data'})", dynamic_ncols=True):
-        x = _check_batch(images(step), resolution, step)[:batch_size]  # (B, 3, R, R)
-        if train_crop and train_crop < resolution:
-            x = _random_crops(x, train_crop, gen)  # (B, 3, c, c)
-        x = x * 2 - 1  # AutoencoderKL works in [-1, 1]
+        x = training_batch(images, step, resolution, batch_size, train_crop, gen)  # (B, 3, c, c) in [-1, 1]
         posterior = vae.encode(x).latent_dist
         # Decode the posterior mode, as the codec does: sampling adds unit noise to the latents while
         # the log-variance is still near 0, which costs most of a 600-step budget to unlearn.
@@ -152,6 +149,17 @@ def get_or_train(key: str, images: ImageBatches, cache_dir: str | Path, train: C
             return target
         train_kwargs.setdefault("name", key)
         return train(images, target, **train_kwargs)
+
+
+def training_batch(images: ImageBatches, step: int, resolution: int, batch_size: int, train_crop: int,
+                   gen: torch.Generator) -> torch.Tensor:
+    """Step ``step``'s images for an autoencoder (VAE or VQ): checked, cut to ``batch_size``, randomly
+    cropped to ``train_crop`` when that is smaller than the resolution, mapped to [-1, 1] as diffusers'
+    autoencoders expect."""
+    x = _check_batch(images(step), resolution, step)[:batch_size]  # (B, 3, R, R)
+    if train_crop and train_crop < resolution:
+        x = _random_crops(x, train_crop, gen)  # (B, 3, c, c)
+    return x * 2 - 1
 
 
 def _random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:

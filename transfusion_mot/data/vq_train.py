@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .vae_train import ImageBatches, _check_batch, _random_crops, _write_atomically, get_or_train, pixel_loss
+from .vae_train import ImageBatches, _check_batch, _write_atomically, get_or_train, pixel_loss, training_batch
 from .vq import ImageTokenizer, code_usage, load_image_tokenizer
 
 EVAL_BATCHES = 4
@@ -139,10 +139,7 @@ def train_vq(images: ImageBatches, out_dir: str | Path, resolution: int, steps: 
     from tqdm.auto import tqdm
 
     for step in tqdm(range(steps), desc=f"vq ({name or 'data'})", dynamic_ncols=True):
-        x = _check_batch(images(step), resolution, step)[:batch_size]  # (B, 3, R, R)
-        if train_crop and train_crop < resolution:
-            x = _random_crops(x, train_crop, gen)  # (B, 3, c, c)
-        x = x * 2 - 1  # VQModel works in [-1, 1]
+        x = training_batch(images, step, resolution, batch_size, train_crop, gen)  # (B, 3, c, c) in [-1, 1]
         h = vq.encode(x).latents  # (B, D, h, w)
         z = h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (M, D)
         if restart_codes and step == 0:
