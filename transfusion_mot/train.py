@@ -34,6 +34,7 @@ from .components.tracking import MetricsLog, plot_losses
 from .config import Config, ConfigError, load_config
 from .data.packing import IGNORE, Specials
 from .data.pipeline import build_records, build_stream
+from .hub import add_parts, add_results
 from .model import build_model, model_vocab_size, untie_from_dense
 
 
@@ -267,12 +268,14 @@ def _train(cfg: Config, engine: Engine, run_dir: Path, stop: "StopSignals", eval
         state.data = stream.state_dict()
         run.ckpt.save()
     final = run.eval_model(model, ema)  # gathered under FSDP2: every rank takes part
-    if engine.is_main_process:
-        export_model(final, cfg, run_dir / "model")
+    if engine.is_main_process:  # the self-contained model folder (hub.py): weights, config, tokenizer, codec, card
+        export_model(final, cfg, run_dir / "model", parts=lambda folder: add_parts(
+            folder, cfg, evaluator.tokenizer, evaluator.codec, run_dir=run_dir))
         plot_losses(log.read(), run_dir / "loss_curves.png", title=f"{cfg.name} ({cfg.model.arch})")
     if evaluate_at_end:
         summary = evaluator.final(final, log)
         if engine.is_main_process:
+            add_results(run_dir / "model", cfg, run_dir)  # the card gets the metrics and the sample grid
             plot_losses(log.read(), run_dir / "loss_curves.png", title=f"{cfg.name} ({cfg.model.arch})")
             engine.print(summary)
     engine.wait_for_everyone()
