@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -109,8 +110,9 @@ def save_codec(cfg: Config, folder: Path, codec=None, run_dir: Path | None = Non
             if not src or not Path(src).is_file():
                 raise FileNotFoundError(f"TAEF2 weights {src or name} not found: codec.encoder_path / decoder_path")
             shutil.copyfile(src, folder / "taef2" / name)
-    else:
-        raise ValueError(f"codec.kind={c.kind!r}: a model folder cannot hold this codec yet")
+    else:  # vq (discrete image tokens): loaded by its own path, as before; the folder says so in its card
+        warnings.warn(f"codec.kind={c.kind!r}: the model folder does not carry this codec; it loads from "
+                      f"codec.path={c.path!r}", stacklevel=2)
 
 
 def localize(cfg: Config, folder: Path) -> Config:
