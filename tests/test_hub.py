@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -92,8 +91,8 @@ def test_taef2_codec_travels_in_the_folder(debug_run, tmp_path, assets_dir):
     cfg.codec.kind, cfg.codec.path = "taef2", str(assets_dir / "vae")
     folder = export_model(pipe.model, cfg, tmp_path / "taef2-model", parts=lambda d: add_parts(d, cfg))
     assert sorted(p.name for p in (folder / "taef2").iterdir()) == ["taef2_decoder.pth", "taef2_encoder.pth"]
-    from transfusion_mot.hub import localize
     from transfusion_mot.components.checkpoint import load_exported
+    from transfusion_mot.hub import localize
 
     local = localize(load_exported(folder)[0], folder)
     assert local.codec.path == str((folder / "taef2").resolve())

@@ -141,29 +141,32 @@ def write_model_card(folder: Path, cfg: Config) -> Path:
     folder = Path(folder)
     m, d, c, t, o = cfg.model, cfg.data, cfg.codec, cfg.train, cfg.optim
     weights = folder / "model.safetensors"
-    params = _param_count(weights) if weights.is_file() else None
     codec = c.kind + (f" ({Path(c.path).name})" if c.kind == "diffusers" and c.path else "")
+    tokenizer = d.tokenizer if d.tokenizer in BUILTIN_TOKENIZERS else Path(d.tokenizer).name
+    model_rows = [
+        ("architecture", f"{m.arch}, {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads, norm {m.norm_placement}"),
+        ("parameters", f"{_param_count(weights) / 1e6:.2f}M" if weights.is_file() else "?"),
+        ("image", f"{d.resolution} px, latents {m.latent_channels}x{m.latent_size}x{m.latent_size}, "
+                  f"patch {m.patch_size}"),
+        ("tokenizer", tokenizer),
+        ("codec", codec),
+    ]
+    train_rows = [
+        ("data", f"{d.source}{f' ({d.path})' if d.path else ''}, sequences of {d.seq_len} tokens, "
+                 f"batch {d.batch_size} x {t.grad_accum} accumulation"),
+        ("steps", f"{t.steps} (lr {o.lr:g}, warmup {o.warmup_steps}, EMA {t.ema_decay:g}, seed {t.seed})"),
+        ("sampling defaults", f"{cfg.sample.steps} Euler steps, CFG {cfg.sample.cfg_scale:g}"),
+    ]
     lines = ["---", "library_name: transfusion_mot", "pipeline_tag: text-to-image",
              "tags: [transfusion, mixture-of-transformers, text-to-image, image-to-text]", "---", "",
              f"# {cfg.name}", "",
-             f"A Transfusion model (next-token loss on text, rectified flow on {codec} latents) with a "
-             f"{m.arch} backbone, trained with `transfusion_mot`.", "",
+             (f"A Transfusion model (next-token loss on text, rectified flow on {codec} latents) with a "
+              f"{m.arch} backbone, trained with `transfusion_mot`."), "",
              "```python", "from transfusion_mot.pretrained import from_pretrained", "",
              'pipe = from_pretrained("<this folder or hub id>")', 'images = pipe("a red circle")  # PIL images',
-             "captions = pipe.caption_files([\"image.png\"])", "```", "",
-             "| model | |", "|---|---|",
-             f"| architecture | {m.arch}, {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads, "
-             f"norm {m.norm_placement} |"]
-    if params is not None:
-        lines.append(f"| parameters | {params / 1e6:.2f}M |")
-    lines += [f"| image | {d.resolution} px, latents {m.latent_channels}x{m.latent_size}x{m.latent_size}, "
-              f"patch {m.patch_size} |", f"| tokenizer | {Path(d.tokenizer).name if d.tokenizer not in BUILTIN_TOKENIZERS else d.tokenizer} |",
-              f"| codec | {codec} |", "",
-              "| training | |", "|---|---|",
-              f"| data | {d.source}{f' ({d.path})' if d.path else ''}, sequences of {d.seq_len} tokens, "
-              f"batch {d.batch_size} x {t.grad_accum} accumulation |",
-              f"| steps | {t.steps} (lr {o.lr:g}, warmup {o.warmup_steps}, EMA {t.ema_decay:g}, seed {t.seed}) |",
-              f"| sampling defaults | {cfg.sample.steps} Euler steps, CFG {cfg.sample.cfg_scale:g} |", ""]
+             'captions = pipe.caption_files(["image.png"])', "```", "",
+             "| model | |", "|---|---|", *(f"| {k} | {v} |" for k, v in model_rows), "",
+             "| training | |", "|---|---|", *(f"| {k} | {v} |" for k, v in train_rows), ""]
     results = folder / "results.json"
     if results.is_file():
         values = {k: v for k, v in json.loads(results.read_text()).items() if isinstance(v, (int, float))}
@@ -180,7 +183,7 @@ def _param_count(weights: Path) -> int:
     from safetensors import safe_open
 
     with safe_open(str(weights), framework="pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (safe_open is not a dict)
 
 
 # --------------------------------------------------------------------------------------------------
