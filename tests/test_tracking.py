@@ -57,3 +57,12 @@ def test_report_to_none_writes_no_events_and_wandb_is_never_required(tmp_path):
         with pytest.raises(ValueError, match="train.report_to=wandb but wandb is not installed: pip install wandb"):
             train(cfg)
         assert not (tmp_path / "wb").exists()  # stopped before the run dir was touched
+
+
+def test_paper_configs_validate_and_sample_during_training():
+    import yaml
+
+    for path in sorted((REPO / "configs").glob("paper_*.yaml")):
+        train_cfg = yaml.safe_load(path.read_text())["train"]
+        assert train_cfg["eval_every"] > 0 and train_cfg["sample_every"] > 0, path.name
+        assert train_cfg.get("report_to", "tensorboard") == "tensorboard", path.name
