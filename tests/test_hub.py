@@ -122,3 +122,22 @@ def test_push_to_hub_offline_stops_at_the_network_boundary(debug_run, monkeypatc
     with pytest.raises(HubError, match=r"push_to_hub\('me/tfm-debug'\) could not reach or write the Hugging Face hub"):
         from_pretrained(debug_run).push_to_hub("me/tfm-debug", token="hf_dummy")
     assert calls
+
+
+def test_diffusers_codec_is_saved_with_save_pretrained(debug_run, tmp_path):
+    """codec.kind=diffusers (here the run's own AutoencoderKL folder, standing in for a hub VAE): the folder
+    gets it in vae/ via save_pretrained, and the loaded codec decodes exactly as the original."""
+    from transfusion_mot.components.checkpoint import export_model, load_exported
+    from transfusion_mot.data.codec import load_codec
+    from transfusion_mot.hub import add_parts, localize
+
+    pipe = from_pretrained(debug_run)
+    cfg = pipe.cfg
+    cfg.codec.kind, cfg.codec.path = "diffusers", str(debug_run / "vae")
+    original = load_codec(cfg.codec)
+    folder = export_model(pipe.model, cfg, tmp_path / "diffusers-model", parts=lambda d: add_parts(d, cfg))
+    assert (folder / "vae" / "config.json").is_file() and list((folder / "vae").glob("*.safetensors"))
+    local = localize(load_exported(folder)[0], folder)
+    assert local.codec.kind == "diffusers" and local.codec.path == str((folder / "vae").resolve())
+    z = torch.randn(2, original.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(load_codec(local.codec).decode(z), original.decode(z))
