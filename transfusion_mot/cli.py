@@ -60,6 +60,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 GENERATED = re.compile(r"(\d{4}_\d+|grid)\.png")  # what generate writes: <prompt>_<image>.png and grid.png
+DOCUMENT = re.compile(r"\d{4}\.md")  # generate --interleaved: one markdown document per prompt
 
 
 def _check_generate_args(args: argparse.Namespace) -> None:
@@ -77,6 +78,12 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --shift {args.shift} must be > 0")
     if args.seed is not None and not -MAX_SEED <= args.seed <= MAX_SEED:
         raise SystemExit(f"error: --seed {args.seed} must lie in [-{MAX_SEED}, {MAX_SEED}] (a signed 64-bit integer)")
+    if args.max_images < 0:
+        raise SystemExit(f"error: --max-images {args.max_images} must be >= 0")
+    if args.temperature is not None and (not math.isfinite(args.temperature) or args.temperature < 0):
+        raise SystemExit(f"error: --temperature {args.temperature} must be a finite number >= 0 (0 = greedy)")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise SystemExit(f"error: --max-new-tokens {args.max_new_tokens} must be >= 1")
     resolve_dtype(args.dtype, resolve_device(args.device))  # a bad --device / --dtype stops here (ValueError)
 
 
@@ -86,10 +93,11 @@ def _stale_images(out: Path, overwrite: bool) -> list[Path]:
     if not out.is_dir():
         return []
     images = sorted(p for p in out.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    images += sorted(p for p in out.iterdir() if DOCUMENT.fullmatch(p.name))
     if images and not overwrite:
         raise SystemExit(f"error: output dir {out} already holds {len(images)} image(s) ({images[0].name}, ...); "
                          "pass --overwrite to replace generate's images there, or choose another --out")
-    foreign = [p for p in images if not GENERATED.fullmatch(p.name)]
+    foreign = [p for p in images if not (GENERATED.fullmatch(p.name) or DOCUMENT.fullmatch(p.name))]
     if foreign:
         raise SystemExit(f"error: output dir {out} holds images generate did not write ({foreign[0].name}, ...): "
                          "--overwrite replaces only generate's own files; choose another --out")
@@ -118,9 +126,34 @@ def cmd_generate(args: argparse.Namespace) -> None:
     out = _check_out_dir(args.out)
     for path in stale:  # --overwrite: never a mix of new and stale files
         path.unlink()
+    if args.interleaved:
+        _write_interleaved(pipe, prompts, out, args)
+        return
+    negative = None if args.negative_prompt is None else [args.negative_prompt] * len(prompts)
     paths = pipe.generate_to_dir(prompts, out, steps=args.steps, cfg_scale=args.cfg, seed=args.seed, n=args.n,
-                                 scheduler=args.scheduler, shift=args.shift)  # None: the run's own config
+                                 scheduler=args.scheduler, shift=args.shift,
+                                 negative_prompts=negative)  # None: the run's own config
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
+
+
+def _write_interleaved(pipe, prompts: list[str], out: Path, args: argparse.Namespace) -> None:
+    """Per prompt, ``NNNN.md``: the document's text with its images (``NNNN_K.png``) in place."""
+    n_images = 0
+    for i, prompt in enumerate(prompts):
+        parts = pipe.interleave(prompt, max_images=args.max_images, max_new_tokens=args.max_new_tokens,
+                                num_inference_steps=args.steps, guidance_scale=args.cfg, seed=args.seed,
+                                temperature=args.temperature, start_with_image=args.start_with_image)
+        lines, k = [], 0  # the document starts with the prompt's own text
+        for part in parts:
+            if isinstance(part, str):
+                lines.append(part)
+            else:
+                part.save(out / f"{i:04d}_{k}.png")
+                lines.append(f"![image {k}]({i:04d}_{k}.png)")
+                k += 1
+        (out / f"{i:04d}.md").write_text("\n\n".join(lines) + "\n")
+        n_images += k
+    print(f"wrote {len(prompts)} document(s) with {n_images} image(s) to {out}")
 
 
 def cmd_caption(args: argparse.Namespace) -> None:
@@ -185,8 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("generate", help="images from prompts")
-    s.add_argument("--ckpt", required=True, help="run directory (or its model/ folder)")
+    s = sub.add_parser("generate", help="images from prompts (--interleaved: documents of text and images)")
+    s.add_argument("--ckpt", required=True, help="run directory, model folder or hub id (org/name)")
     s.add_argument("--prompt", action="append", help="repeat for several prompts")
     s.add_argument("--prompts-file", default=None, help="one prompt per line")
     s.add_argument("--steps", type=int, default=None, help="Euler steps (default: the run's sample.steps)")
@@ -195,13 +228,20 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--shift", type=float, default=None, help="time shift of the grid (default: the run's flow.shift)")
     s.add_argument("--seed", type=int, default=None, help="default: sample.seed")
     s.add_argument("--n", type=int, default=None, help="images per prompt (default: sample.n_per_prompt)")
+    s.add_argument("--negative-prompt", default=None, help="what guidance steers away from (default: none)")
+    s.add_argument("--interleaved", action="store_true",
+                   help="continue each prompt as one document of text and images: NNNN.md + NNNN_K.png")
+    s.add_argument("--start-with-image", action="store_true", help="--interleaved: an image right after the prompt")
+    s.add_argument("--max-images", type=int, default=2, help="--interleaved: images per document at most")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="--interleaved: default sample.max_new_tokens")
+    s.add_argument("--temperature", type=float, default=None, help="--interleaved: default sample.temperature")
     s.add_argument("--out", required=True)
     s.add_argument("--overwrite", action="store_true", help="replace the images an earlier generate wrote in --out")
     _add_device_args(s)
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("caption", help="captions for images")
-    s.add_argument("--ckpt", required=True)
+    s.add_argument("--ckpt", required=True, help="run directory, model folder or hub id (org/name)")
     s.add_argument("--seed", type=int, default=None, help="default: the run's sample.seed")
     s.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: sample.temperature)")
     s.add_argument("--top-k", type=int, default=None, help="default: sample.top_k")

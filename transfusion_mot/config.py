@@ -129,7 +129,8 @@ class TrainConfig:
     ema_decay: float = 0.999  # 0 disables EMA
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
-    sample_every: int = 0
+    sample_every: int = 0  # also logged as an image to the tracker
+    report_to: str = "tensorboard"  # "tensorboard" (run_dir/tb) | "wandb" (needs `pip install wandb`) | "none"
     save_every: int = 500
     keep_checkpoints: int = 2
     resume: str = ""  # "" | "auto" | a checkpoint folder
@@ -391,6 +392,7 @@ def validate(cfg: Config) -> Config:
     _choice("data.crop", d.crop, ("center", "random"))
     _choice("train.mixed_precision", t.mixed_precision, ("auto", "no", "bf16", "fp16"))
     _choice("train.parallel", t.parallel, ("auto", "ddp", "fsdp"))
+    _choice("train.report_to", t.report_to, ("tensorboard", "wandb", "none"))
     if s.scheduler not in SCHEDULERS:
         raise ConfigError(f"sample.scheduler={s.scheduler!r} is not one of {SCHEDULERS}: sampling takes only a "
                           f"scheduler's sigma grid and integrates with Euler steps, so schedulers that need their "

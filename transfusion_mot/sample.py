@@ -176,18 +176,19 @@ def _initial_noise(shape, seed: int, keys: list[int], device) -> torch.Tensor:
 def sample_latents(model, ctx_ids: list[list[int]], specials: Specials, noise: torch.Tensor,
                    steps: int = SampleConfig.steps, cfg_scale: float = SampleConfig.cfg_scale,
                    scheduler: str = SampleConfig.scheduler, shift: float = 1.0,
-                   use_cache: bool = True, progress: bool = False) -> torch.Tensor:
+                   use_cache: bool = True, progress: bool = False,
+                   uncond_ids: list[list[int]] | None = None) -> torch.Tensor:
     """Latents for rows whose context is ``BOS, ctx_ids[r], BOI``; ``noise`` (rows, C, h, w) at t=1.
 
-    With CFG (scale != 1) the unconditional rows (``BOS, BOI``: the caption-dropout layout) ride in
-    the same batch as the conditional ones.
+    With CFG (scale != 1) the unconditional rows (``BOS, BOI``: the caption-dropout layout; with a
+    negative prompt ``BOS, uncond_ids[r], BOI``) ride in the same batch as the conditional ones.
     """
     _check_args(steps, cfg_scale)
     rows = len(ctx_ids)
     guided = cfg_scale != 1.0
     prefixes = [[specials.bos, *x, specials.boi] for x in ctx_ids]
     if guided:
-        prefixes += [[specials.bos, specials.boi]] * rows
+        prefixes += [[specials.bos, *x, specials.boi] for x in (uncond_ids or [[]] * rows)]
     device = noise.device
     if use_cache:
         ctx = Context(model, len(prefixes), device)
@@ -234,28 +235,40 @@ def generate_images(model, prompt_ids: list[list[int]], specials: Specials, step
                     n_per_prompt: int = SampleConfig.n_per_prompt, batch_size: int = 16,
                     scheduler: str = SampleConfig.scheduler, shift: float = 1.0, use_cache: bool = True,
                     progress: bool = False,
-                    first_index: int = 0) -> torch.Tensor:
+                    first_index: int = 0, negative_ids: list[list[int]] | None = None,
+                    noise: torch.Tensor | None = None) -> torch.Tensor:
     """Latents (len(prompts) * n_per_prompt, C, h, w), prompt-major. Image k's noise is the stream
     ``(seed, first_index + k)`` of ``rng.py``: the same seed gives the same images whatever the batch size,
-    and a long job can be generated in pieces (``first_index``) with the same result."""
+    and a long job can be generated in pieces (``first_index``) with the same result. ``noise`` given
+    (one (C, h, w) per image, from the caller's generators) replaces those streams; ``negative_ids[i]``
+    is prompt i's unconditional context (None: ``BOS, BOI``)."""
     _check_args(steps, cfg_scale, seed)
     if not prompt_ids:
         raise ValueError("no prompts given")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if negative_ids is not None and len(negative_ids) != len(prompt_ids):
+        raise ValueError(f"{len(negative_ids)} negative prompts for {len(prompt_ids)} prompts")
     cfg = model.cfg
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
     jobs = [(i, j) for i in range(len(prompt_ids)) for j in range(n_per_prompt)]
+    if noise is not None and tuple(noise.shape) != (len(jobs), *shape):
+        raise ValueError(f"noise of shape {tuple(noise.shape)} given for {len(jobs)} images of {shape}")
     out = []
     bar = tqdm(total=len(jobs), desc="images", disable=not progress)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        noise = _initial_noise(shape, seed, [first_index + start + k for k in range(len(chunk))], device)
+        if noise is None:
+            x1 = _initial_noise(shape, seed, [first_index + start + k for k in range(len(chunk))], device)
+        else:
+            x1 = noise[start:start + len(chunk)].to(device=device, dtype=torch.float32)
         ids = [prompt_ids[i] for i, _ in chunk]
-        out.append(sample_latents(model, ids, specials, noise, steps, cfg_scale, scheduler, shift, use_cache))
+        neg = None if negative_ids is None else [negative_ids[i] for i, _ in chunk]
+        out.append(sample_latents(model, ids, specials, x1, steps, cfg_scale, scheduler, shift, use_cache,
+                                  uncond_ids=neg))
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)

@@ -30,10 +30,11 @@ from .components.optim import build_optimizer, build_scheduler
 from .components.parallel import Engine, EvalCopy
 from .components.resume import Checkpointer, last_good
 from .components.rundir import claim
-from .components.tracking import MetricsLog, plot_losses
+from .components.tracking import MetricsLog, hparams, log_image, log_line, plot_losses, tracker_names
 from .config import Config, ConfigError, load_config
 from .data.packing import IGNORE, Specials
 from .data.pipeline import build_records, build_stream
+from .hub import add_parts, add_results
 from .model import build_model, model_vocab_size, untie_from_dense
 
 
@@ -42,14 +43,8 @@ class Stop(Exception):
 
 
 def build_engine(cfg: Config, run_dir: Path) -> Engine:
-    trackers = []
-    try:
-        import tensorboard  # noqa: F401
-
-        trackers = ["tensorboard"]
-    except ImportError:
-        pass
-    return Engine(cfg, str(run_dir), trackers)
+    """accelerate with the trackers ``train.report_to`` names (a missing package stops here, in one line)."""
+    return Engine(cfg, str(run_dir), tracker_names(cfg.train.report_to))
 
 
 def setup_model(cfg: Config, vocab_size: int, engine: Engine):
@@ -172,6 +167,7 @@ def build_run(cfg: Config, engine: Engine, run_dir: Path) -> Run:
 
     if engine.is_main_process:
         cfg.save(run_dir / "config.yaml")
+        engine.text_log = run_dir / "train.log"  # from here on, what the run prints is also written there
     tokenizer = prepare_tokenizer(cfg)
     model_vocab_size(cfg.model, tokenizer.vocab_size)  # a model.vocab_size too small for it stops here
     specials = Specials.of(tokenizer)
@@ -184,8 +180,9 @@ def build_run(cfg: Config, engine: Engine, run_dir: Path) -> Run:
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=engine.is_main_process)
     ckpt = Checkpointer(cfg, engine, run_dir, Snapshot(single, opt, ema, TrainState()), sched, log)
     ckpt.resume()
-    if engine.is_main_process and engine.log_with:
-        engine.init_trackers("tb", config={"name": cfg.name})
+    if engine.is_main_process and engine.log_with:  # TensorBoard: run_dir/tb; wandb: project cfg.name
+        engine.init_trackers("tb" if cfg.train.report_to == "tensorboard" else cfg.name,
+                             config=hparams(cfg.to_dict()))
     stream = build_stream(records, tokenizer, encode, cfg, specials, engine.process_index, engine.num_processes,
                           start=ckpt.snap.state.next_batch, state=ckpt.snap.state.data, report=engine.print,
                           gather=gather_object if engine.num_processes > 1 else None)
@@ -240,14 +237,22 @@ def _train(cfg: Config, engine: Engine, run_dir: Path, stop: "StopSignals", eval
                       "nonfinite_grads": state.nonfinite_grads, "skipped_records": stream.skips.total}
             log.write(record)
             engine.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+            if engine.text_log is not None:
+                with open(engine.text_log, "a") as f:
+                    print(log_line(record), file=f)
             bar.set_postfix(lm=f"{losses['loss_lm']:.3f}", flow=f"{losses['loss_flow']:.4f}")
             t_last, tokens = time.time(), 0
         if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.steps:
-            log.write({"step": state.step, **evaluator.validation(run.eval_model(model, ema))})
+            val = evaluator.validation(run.eval_model(model, ema))  # per-t flow losses included
+            log.write({"step": state.step, **val})
+            engine.log(val, step=state.step)
         if cfg.train.sample_every and state.step % cfg.train.sample_every == 0 and state.step < cfg.train.steps:
             quick = evaluator.sample_grid(run.eval_model(model, ema), tag=f"step{state.step:06d}", quick=True)
             if "prompt_following" in quick:
                 log.write({"step": state.step, "prompt_following": quick["prompt_following"]})
+                engine.log({"prompt_following": quick["prompt_following"]}, step=state.step)
+            if engine.is_main_process:
+                log_image(engine.trackers, "samples", run_dir / f"samples_step{state.step:06d}.png", state.step)
         signalled = stop.agreed(engine)
         pause = signalled or (cfg.train.stop_after and state.step >= cfg.train.stop_after)
         if pause or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
@@ -268,12 +273,15 @@ def _train(cfg: Config, engine: Engine, run_dir: Path, stop: "StopSignals", eval
         state.data = stream.state_dict()
         run.ckpt.save()
     final = run.eval_model(model, ema)  # gathered under FSDP2: every rank takes part
-    if engine.is_main_process:
-        export_model(final, cfg, run_dir / "model")
+    if engine.is_main_process:  # the self-contained model folder (hub.py): weights, config, tokenizer, codec, card
+        export_model(final, cfg, run_dir / "model", parts=lambda folder: add_parts(
+            folder, cfg, evaluator.tokenizer, evaluator.codec, run_dir=run_dir))
         plot_losses(log.read(), run_dir / "loss_curves.png", title=f"{cfg.name} ({cfg.model.arch})")
     if evaluate_at_end:
         summary = evaluator.final(final, log)
         if engine.is_main_process:
+            add_results(run_dir / "model", cfg, run_dir)  # the card gets the metrics and the sample grid
+            log_image(engine.trackers, "samples", run_dir / "samples_final.png", state.step)
             plot_losses(log.read(), run_dir / "loss_curves.png", title=f"{cfg.name} ({cfg.model.arch})")
             engine.print(summary)
     engine.wait_for_everyone()

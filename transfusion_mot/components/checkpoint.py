@@ -315,8 +315,9 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # The exported model
 # --------------------------------------------------------------------------------------------------
-def export_model(model: torch.nn.Module, config, out_dir: str | Path) -> Path:
-    """Weights as safetensors + the resolved config as json: what ``from_pretrained`` reads."""
+def export_model(model: torch.nn.Module, config, out_dir: str | Path, parts=None) -> Path:
+    """Weights as safetensors + the resolved config as json: what ``from_pretrained`` reads. ``parts(folder)``
+    adds the rest (tokenizer, codec, model card: ``hub.add_parts``) before the folder is renamed into place."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -324,6 +325,8 @@ def export_model(model: torch.nn.Module, config, out_dir: str | Path) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, tmp / "model.safetensors")
     (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
+    if parts is not None:
+        parts(tmp)
     _replace_dir(tmp, out)
     return out
 

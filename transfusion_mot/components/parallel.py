@@ -112,6 +112,13 @@ class Engine(Accelerator):
         self.scaler = LossScaler() if self.precision == "fp16" else None
         self.reshard = _truthy(os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true"))
         self._own_group = False
+        self.text_log = None  # the run's train.log: what ``print`` shows, also written there (main process)
+
+    def print(self, *args, **kwargs) -> None:
+        super().print(*args, **kwargs)
+        if self.text_log is not None and self.is_main_process:
+            with open(self.text_log, "a") as f:
+                print(*args, file=f)
 
     # -- the model --
     def prepare_model(self, model: torch.nn.Module, *args, **kwargs) -> torch.nn.Module:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 LOCK = ".lock"
 RUN_FILES = ("checkpoints", "model", "model.tmp", "vae", "vae.tmp", "metrics.jsonl", "config.yaml", "results.json",
-             "report.md", "loss_curves.png", "tb")
+             "report.md", "loss_curves.png", "tb", "train.log")
 
 
 class RunDirError(ValueError):

@@ -1,4 +1,5 @@
-"""What a run writes for people: metrics.jsonl, loss curves and sample grids as PNG."""
+"""What a run writes for people: metrics.jsonl, loss curves and sample grids as PNG, train.log, and what
+goes to the trackers (``train.report_to``: TensorBoard by default, wandb, none) through accelerate."""
 from __future__ import annotations
 
 import json
@@ -103,3 +104,57 @@ def save_png(image: torch.Tensor, path: str | Path) -> Path:
     PILImage.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")).save(tmp)
     tmp.replace(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Trackers (accelerate's: TensorBoard, wandb) and the plain-text log
+# --------------------------------------------------------------------------------------------------
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "none": None}
+
+
+def tracker_names(report_to: str) -> list[str]:
+    """accelerate's ``log_with`` for ``train.report_to``; a tracker whose package is missing stops the run
+    here, in one line, before anything is built (wandb is never required)."""
+    import importlib.util
+
+    package = TRACKERS[report_to]
+    if package is None:
+        return []
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"train.report_to={report_to} but {package} is not installed: pip install {package} "
+                         f"(or train.report_to=tensorboard|none)")
+    return [report_to]
+
+
+def hparams(config: dict, prefix: str = "") -> dict:
+    """The config tree as flat ``section.key`` values TensorBoard's hparams accept (numbers, strings, bools)."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(hparams(value, name + "."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:  # lists, None
+            flat[name] = str(value)
+    return flat
+
+
+def log_image(trackers: list, tag: str, png: str | Path, step: int) -> None:
+    """A PNG (the sample grid) to every tracker that takes images."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    with PILImage.open(png) as im:
+        array = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({tag: array[None]}, step=step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({tag: [array]}, step=step)
+
+
+def log_line(record: dict) -> str:
+    """One line of train.log for a metrics record: step, losses, lr, throughput."""
+    keys = ("loss", "loss_lm", "loss_flow", "lr", "grad_norm", "tokens_per_s")
+    return f"step {record['step']}: " + ", ".join(f"{k} {record[k]:.4g}" for k in keys if k in record)

@@ -278,7 +278,9 @@ class HFSource(torch.utils.data.Dataset):
 
     def __init__(self, path_or_name: str | Path, split: str = "train", image_column: str = "image",
                  text_column: str = "text"):
-        import datasets
+        from ..extras import require
+
+        datasets = require("datasets", "data")
 
         self.split, self.image_column, self.text_column = split, image_column, text_column
         self.skips = SkipStats()

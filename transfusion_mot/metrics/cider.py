@@ -25,7 +25,9 @@ def cider(refs: Mapping[Hashable, Sequence[str]], hyps: Mapping[Hashable, str]) 
 
     The idf weights come from the references of all keys, so score a whole test set in one call.
     """
-    from pycocoevalcap.cider.cider import Cider
+    from ..extras import require
+
+    Cider = require("pycocoevalcap.cider.cider", "eval").Cider
 
     missing, extra = set(refs) - set(hyps), set(hyps) - set(refs)
     if missing or extra:

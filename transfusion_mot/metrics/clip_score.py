@@ -87,7 +87,9 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 def clip_score(images: torch.Tensor, prompts: Sequence[str], model_path: str | Path = DEFAULT_CLIP,
                batch_size: int = 16) -> float:
     """Mean CLIP score, 100 * cos(image, prompt) floored at 0, over (N, 3, H, W) images in [0, 1]."""
-    from torchmetrics.multimodal import CLIPScore
+    from ..extras import require
+
+    CLIPScore = require("torchmetrics.multimodal", "eval").CLIPScore
 
     if len(prompts) != len(images):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts: they must pair up one to one")

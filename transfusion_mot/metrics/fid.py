@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..extras import require
 from . import MissingWeights, Score
 from .features import FeatureNet
 
@@ -141,6 +142,7 @@ class InceptionFID:
 
     def __init__(self, ref: ImageSource, backend: Backend = "clean-fid", inception_path: str | Path | None = None,
                  batch_size: int = 32, device: str = "cpu") -> None:
+        require("cleanfid" if backend == "clean-fid" else "torch_fidelity", "eval")  # a missing extra: one line
         weights = require_inception(backend, inception_path)
         ref_paths = list_images(ref)
         _need_two(ref_paths, "reference")
@@ -196,7 +198,7 @@ class InceptionFeatures(FeatureNet):
 
     def __init__(self, inception_path: str | Path | None = None) -> None:
         super().__init__()
-        from torchmetrics.image.fid import NoTrainInceptionV3
+        NoTrainInceptionV3 = require("torchmetrics.image.fid", "eval").NoTrainInceptionV3
 
         weights = require_inception("torchmetrics", inception_path)
         self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
@@ -218,7 +220,7 @@ def extract_features(paths: list[Path], extractor: torch.nn.Module, batch_size: 
 def compute_fd(gen: ImageSource, ref: ImageSource, extractor: FeatureNet, batch_size: int = 32,
                device: str = "cpu") -> Score:
     """Fréchet distance in ``extractor``'s feature space, named ``extractor.metric_name`` (``FD-<name>``)."""
-    from cleanfid.fid import fid_from_feats
+    fid_from_feats = require("cleanfid.fid", "eval").fid_from_feats
 
     gen_paths, ref_paths = list_images(gen), list_images(ref)
     _need_two(gen_paths, "generated")
