@@ -18,7 +18,7 @@ from .metrics.validation import Pair, validation_losses
 def held_out_prompts(cfg: Config, n: int) -> list[str]:
     """Prompts the model never trained on: the shapes test split, or captions of the val records."""
     if cfg.data.source == "shapes":
-        from .data.shapes import held_out_prompts as shapes_prompts
+        from .metrics.shapes_checker import held_out_prompts as shapes_prompts
 
         return shapes_prompts(n, split="test", max_shapes=cfg.data.shapes_max_shapes)
     from .data.pipeline import build_records, iter_records
@@ -98,7 +98,7 @@ class Evaluator:
             seconds = time.time() - t0
             scores = None
             if self.cfg.data.source == "shapes":
-                from .data.shapes import check
+                from .metrics.shapes_checker import check
 
                 scores = [check(img, p).score for img, p in zip(images, prompts)]
                 result["prompt_following"] = sum(scores) / len(scores)
@@ -111,7 +111,7 @@ class Evaluator:
     def codec_ceiling(self, n: int) -> float:
         """Prompt-following of the codec's own reconstructions of the real held-out scenes: the most a
         model decoding through it can score (measured 0.52 for a VAE that turned red orange, 0.91 after)."""
-        from .data.shapes import reconstruction_score
+        from .metrics.shapes_checker import reconstruction_score
 
         d = self.cfg.data
         return reconstruction_score(lambda x: self.codec.decode(self.codec.encode(x)).float().cpu(), n=n,
@@ -124,7 +124,7 @@ class Evaluator:
         summary = ""
         if self.is_main:
             if self.cfg.data.source == "shapes":
-                from .data.shapes import chance_score
+                from .metrics.shapes_checker import chance_score
 
                 d = self.cfg.data
                 grid["prompt_following_chance"] = chance_score(resolution=d.resolution, max_shapes=d.shapes_max_shapes)
