@@ -27,7 +27,8 @@ from common import REPO, RESULTS, commit, md_table, write_results
 from transfusion_mot.config import load_config
 from transfusion_mot.data import shapes
 from transfusion_mot.metrics import shapes_checker
-from transfusion_mot.data.pipeline import _vae_images, build_records
+from transfusion_mot.data.pipeline import build_records
+from transfusion_mot.data.run_codec import _vae_images
 from transfusion_mot.data.vq import ImageTokenizer
 from transfusion_mot.data import vq_train
 

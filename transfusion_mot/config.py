@@ -430,7 +430,7 @@ def validate(cfg: Config) -> Config:
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must lie in [0, 1)")
     n_patches = (m.latent_size // m.patch_size) ** 2
-    need = 4 + d.max_caption_tokens + n_patches  # data/pipeline.py layout(): BOS, caption, BOI, patches, EOI, EOS
+    need = 4 + d.max_caption_tokens + n_patches  # data/batches.py layout(): BOS, caption, BOI, patches, EOI, EOS
     if d.seq_len < need:
         raise ConfigError(f"data.seq_len={d.seq_len} cannot hold one image of {n_patches} patches plus "
                           f"data.max_caption_tokens={d.max_caption_tokens} caption tokens and 4 markers (needs >= "
