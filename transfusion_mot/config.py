@@ -84,7 +84,7 @@ class CodecConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # "shapes" | "imagefolder" | "coco" | "webdataset" | "hf" | "latents" (`encode` output)
+    source: str = "shapes"  # a name in data/sources.py SOURCES: shapes, imagefolder, coco, webdataset, hf, latents
     path: str = ""  # folder / shard pattern / dataset path (unused for shapes)
     captions: str = ""  # coco json or captions file, where the source needs one
     image_column: str = "image"  # hf datasets

@@ -71,6 +71,8 @@ def _choice(key: str, value: str, options: tuple) -> None:
 
 def validate(cfg: Config) -> Config:
     """Every cross-field check, in one place. Raises ConfigError naming the keys and values."""
+    from .data.sources import SOURCES
+
     m, d, f, o, t, s = cfg.model, cfg.data, cfg.flow, cfg.optim, cfg.train, cfg.sample
     _choice("model.arch", m.arch, ("mot", "dense", "moe"))
     _choice("model.setting", m.setting, ("transfusion", "chameleon"))
@@ -79,7 +81,7 @@ def validate(cfg: Config) -> Config:
     _choice("model.attention", m.attention, ("auto", "sdpa", "flex"))
     _choice("flow.t_sampling", f.t_sampling, ("uniform", "logit_normal"))
     _choice("codec.kind", cfg.codec.kind, ("trained", "diffusers", "taef2", "vq"))
-    _choice("data.source", d.source, ("shapes", "imagefolder", "coco", "webdataset", "hf", "latents"))
+    _choice("data.source", d.source, tuple(SOURCES))  # the registry (data/sources.py)
     _choice("data.crop", d.crop, ("center", "random"))
     _choice("train.mixed_precision", t.mixed_precision, ("auto", "no", "bf16", "fp16"))
     _choice("train.parallel", t.parallel, ("auto", "ddp", "fsdp"))
@@ -88,6 +90,8 @@ def validate(cfg: Config) -> Config:
                           f"scheduler's sigma grid and integrates with Euler steps, so schedulers that need their "
                           f"own step() (Heun, LCM, DDIM, ...) would run as something else")
     _check_counters(cfg)
+    if SOURCES[d.source].check is not None:  # the source's own options
+        SOURCES[d.source].check(d)
     _validate_vq(cfg.codec, d.resolution)  # before the latent shape is derived from its knobs
     _check_setting(cfg)
     _check_latent_shape(cfg)
@@ -149,8 +153,7 @@ def _check_counters(cfg: Config) -> None:
     at_least_one = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
                     "data.seq_len": d.seq_len, "data.batch_size": d.batch_size, "data.resolution": d.resolution,
                     "data.max_caption_tokens": d.max_caption_tokens, "data.stream_lanes": d.stream_lanes,
-                    "data.shapes_train_size": d.shapes_train_size,
-                    "data.shapes_val_size": d.shapes_val_size, "codec.vae_steps": c.vae_steps,
+                    "codec.vae_steps": c.vae_steps,
                     "codec.vae_latent_channels": c.vae_latent_channels, "train.steps": t.steps,
                     "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
                     "train.max_bad_steps": t.max_bad_steps, "sample.steps": s.steps,
@@ -167,8 +170,6 @@ def _check_counters(cfg: Config) -> None:
     for key, value in zero_is_off.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
-    if not 1 <= d.shapes_max_shapes <= 4:
-        raise ConfigError(f"data.shapes_max_shapes={d.shapes_max_shapes} must lie in 1..4")
     if not c.vae_channels or min(c.vae_channels) < 1:
         raise ConfigError(f"codec.vae_channels={list(c.vae_channels)} must list one or more widths >= 1")
 
@@ -219,8 +220,10 @@ def _check_setting(cfg: Config) -> None:
         return
     if kind != "vq":
         raise ConfigError(f"model.setting=chameleon needs discrete image tokens: codec.kind=vq, not {kind!r}")
-    if cfg.data.source == "latents":
-        raise ConfigError("data.source=latents: encoded shards hold continuous latents, not the VQ codes "
+    from .data.sources import SOURCES
+
+    if SOURCES[cfg.data.source].encoded:
+        raise ConfigError(f"data.source={cfg.data.source}: encoded shards hold continuous latents, not the VQ codes "
                           "model.setting=chameleon reads; stream the images (data.source=webdataset) instead")
     if m.patch_size != 1:
         raise ConfigError(f"model.patch_size={m.patch_size}: model.setting=chameleon takes one token per VQ code; "

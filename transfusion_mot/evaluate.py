@@ -12,12 +12,13 @@ import torch
 from .components.tracking import save_grid
 from .config import Config
 from .data.packing import Specials
+from .data.sources import source_spec
 from .metrics.validation import Pair, validation_losses
 
 
 def held_out_prompts(cfg: Config, n: int) -> list[str]:
     """Prompts the model never trained on: the shapes test split, or captions of the val records."""
-    if cfg.data.source == "shapes":
+    if source_spec(cfg.data.source).prompt_following:
         from .metrics.shapes_checker import held_out_prompts as shapes_prompts
 
         return shapes_prompts(n, split="test", max_shapes=cfg.data.shapes_max_shapes)
@@ -97,7 +98,7 @@ class Evaluator:
             images = self.codec.decode(latents.to(next(self.codec.parameters()).device)).float().cpu()
             seconds = time.time() - t0
             scores = None
-            if self.cfg.data.source == "shapes":
+            if source_spec(self.cfg.data.source).prompt_following:
                 from .metrics.shapes_checker import check
 
                 scores = [check(img, p).score for img, p in zip(images, prompts)]
@@ -123,7 +124,7 @@ class Evaluator:
         grid = self.sample_grid(model, tag="final")
         summary = ""
         if self.is_main:
-            if self.cfg.data.source == "shapes":
+            if source_spec(self.cfg.data.source).prompt_following:
                 from .metrics.shapes_checker import chance_score
 
                 d = self.cfg.data

@@ -143,9 +143,10 @@ def encode(cfg: Config, out: str | Path, shard_size: int = 1000, dtype: str = "f
     from .pipeline import prepare_tokenizer
     from .records import _records_name, build_records
     from .run_codec import prepare_codec
+    from .sources import source_spec
 
-    if cfg.data.source == "latents":
-        raise ValueError("data.source=latents is already encoded; encode reads an image source")
+    if source_spec(cfg.data.source).encoded:
+        raise ValueError(f"data.source={cfg.data.source} is already encoded; encode reads an image source")
     if cfg.data.crop != "center":
         raise ValueError(f"data.crop={cfg.data.crop!r}: encode stores one centre crop per image; set data.crop=center")
     if shard_size < 1 or dtype not in DTYPES:

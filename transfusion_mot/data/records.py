@@ -6,41 +6,14 @@ import torch
 
 from ..config import Config, DataConfig
 from .segments import Record
-from .sources import SkipStats
+from .sources import SkipStats, source_spec
 
 
 def build_records(cfg: DataConfig, split: str = "train"):
-    """The configured source as a map-style dataset of ``Record`` for ``split`` ("train" or "val").
-
-    Shapes has its own disjoint splits. A real source with ``data.val_path`` uses that for "val";
-    without one, its last ``data.val_fraction`` of records are held out from training.
-    """
-    if cfg.source == "shapes":
-        from .shapes import ShapesDataset
-
-        size = cfg.shapes_train_size if split == "train" else cfg.shapes_val_size
-        return ShapesDataset(split=split, size=size, resolution=cfg.resolution,
-                             max_shapes=cfg.shapes_max_shapes, textured=cfg.shapes_textured)
-    if cfg.source in ("webdataset", "latents"):  # streamed shards (data/streaming.py), split by shard
-        from .streaming import shard_records
-
-        return shard_records(cfg, split)
-    from .sources import build_source
-
-    def source(path):
-        return build_source(cfg.source, path, captions=cfg.captions, image_column=cfg.image_column,
-                            text_column=cfg.text_column, resolution=cfg.resolution)
-
-    if split != "train" and cfg.val_path:
-        return source(cfg.val_path)
-    records = source(cfg.path)
-    if cfg.val_path or cfg.val_fraction <= 0:
-        return records
-    n_val = max(1, int(len(records) * cfg.val_fraction))
-    if n_val >= len(records):
-        raise ValueError(f"data.val_fraction={cfg.val_fraction} leaves no training records in {cfg.path}")
-    cut = len(records) - n_val
-    return HeldOut(records, range(cut) if split == "train" else range(cut, len(records)), split)
+    """The configured source's records for ``split`` ("train" or "val"), built by its registered
+    ``SourceSpec`` (data/sources.py): shapes has its own disjoint splits; a real source with
+    ``data.val_path`` uses that for "val", without one its last ``data.val_fraction`` is held out."""
+    return source_spec(cfg.source).build(cfg, split)
 
 
 class HeldOut(torch.utils.data.Dataset):

@@ -15,7 +15,7 @@ import torch
 from .. import rng
 from ..config import Config
 from .records import _is_shards, _records_name, build_records
-from .sources import SkipStats
+from .sources import SkipStats, source_spec
 
 
 def _cache_root(cfg: Config) -> Path:
@@ -234,7 +234,7 @@ def load_run_codec(cfg: Config, run_dir: Path):
         return load_run_tokenizer(cfg, run_dir)
     if cfg.codec.kind == "trained":
         local = Path(run_dir) / "vae"
-        if not local.exists() and cfg.data.source == "latents" and not cfg.codec.path:
+        if not local.exists() and source_spec(cfg.data.source).encoded and not cfg.codec.path:
             from .encode import codec_for_latents  # the codec encode.json names (while the data is there)
 
             return codec_for_latents(cfg)[0]
