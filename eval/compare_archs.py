@@ -1,4 +1,5 @@
-"""MoT vs dense vs MoE-4x at equal FLOPs per token, at small scale (the MoT paper's Transfusion setting).
+"""MoT vs dense vs MoE-4x at equal FLOPs per token, at small scale, in the MoT paper's Transfusion and
+Chameleon settings.
 
 Every arm trains the same ``small`` shape on the same data and seed for the same number of steps, so
 dense, MoT and MoE-4x spend the same FLOPs per token; a dense model with twice the layers (the same
@@ -8,13 +9,17 @@ and the headline pair (MoT, dense) is trained with a second seed to show run-to-
 Validation losses come from the runs' own fixed-t-grid, fixed-noise evaluations (``train.eval_every``)
 and are plotted against training FLOPs (FLOPs/token x tokens seen). Two data settings: ``shapes``
 (generated, with a prompt-following score) and ``flickr`` (the Flickr8k subset in the shared assets,
-TAEF2 latents, the Llama 2 tokenizer). Each setting is run under both norm placements (``--norms``): the
+TAEF2 latents, the Llama 2 tokenizer). ``--settings chameleon`` runs the Chameleon setting instead (shapes
+through one shared VQ tokenizer, configs/chameleon_small.yaml's shape, one next-token loss): its image loss
+is the validation image-token NLL (``val_image_nll``) and it writes ``compare_archs_chameleon.*``, so the
+Transfusion results stay. Each setting is run under both norm placements (``--norms``): the
 MoT paper's Algorithm 1 (``post``: the norm after each sublayer, inside the residual branch) and pre-norm.
 Runs live in ``<out>/runs/<setting>/<norm>/<arm>-s<seed>``, resume with ``train.resume=auto`` and are
 skipped once finished, so an interrupted job picks up where it was.
 
     python eval/compare_archs.py                   # the default budget (~45 min per norm placement, 2-core CPU)
     python eval/compare_archs.py --steps 4000      # a larger budget (use a fresh --out)
+    python eval/compare_archs.py --settings chameleon   # the Chameleon setting (~30 min per norm placement)
     python eval/compare_archs.py --smoke --out /tmp/cmp   # seconds: the debug size, a few steps
 """
 from __future__ import annotations
@@ -29,7 +34,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from common import REPO, RESULTS, md_table, write_results
+from common import REPO, RESULTS, write_results
+from compare_archs_report import PAIR, image_key, markdown, plot
 
 from transfusion_mot.components.flops import model_flops_per_token
 from transfusion_mot.config import Config, load_config
@@ -39,7 +45,6 @@ from transfusion_mot.train import train
 
 NAME = "compare_archs"
 NORMS = ("post", "pre")  # model.norm_placement: Algorithm 1's post-sublayer norm, and pre-norm
-PAIR = ("mot", "dense")  # the headline pair, trained with every seed in --seeds
 ARMS = ("dense", "mot", "moe", "dense_large")
 N_EVALS = 6  # validation points per run (the curves)
 WALL = "compare_wall.json"  # wall-clock and CPU seconds in train() for this run, summed over resumed invocations
@@ -48,7 +53,12 @@ WALL = "compare_wall.json"  # wall-clock and CPU seconds in train() for this run
 # ~0.7 s/step, 64 prompts x 25 sampling steps = 151 s, a 64-pair validation ~14 s, all at load 5-7;
 # about half of that on an idle machine). 6 runs per setting (dense_large counts twice, MoE ~1.3x)
 # plus the one-off shapes VAE (~15 CPU-minutes when not cached) come to ~40 minutes for both settings.
-DEFAULT_STEPS = {"shapes": 250, "flickr": 200}
+# Chameleon (chameleon_small's shape: 256 codes + caption per example, seq 320), measured with OMP_NUM_THREADS=1
+# on the shared 2-core CPU at load ~5: 2.2 s/step dense or MoE-4x, a 32-pair validation 6 s, 16 prompts
+# sampled (256 codes each, KV cache) 10 s. Per norm placement 7 step-units of runs (dense_large twice)
+# x 80 steps x 2.2 s = ~21 min, + ~6 min of evaluation, + the shared VQ tokenizer once (~5 min): ~30 min.
+CHAMELEON_STEPS = 80
+DEFAULT_STEPS = {"shapes": 250, "flickr": 200, "chameleon": CHAMELEON_STEPS}
 SMOKE_STEPS = 4
 
 # Quick evaluation: the losses are on fixed examples and fixed noise, so 32 pairs already compare
@@ -57,9 +67,9 @@ SMOKE_STEPS = 4
 # warms up for 10% of the steps (the small configs' 100 would be 40% of the default budget).
 EVAL = ["eval.val_examples=32", "eval.val_t_grid=8", "eval.sample_steps=20", "eval.batch_size=32",
         "train.ema_decay=0", "train.log_every=10"]
-PROMPTS = {"shapes": 32, "flickr": 8}
+PROMPTS = {"shapes": 32, "flickr": 8, "chameleon": 16}
 SMOKE_EVAL = ["eval.val_examples=8", "eval.val_t_grid=2", "eval.sample_steps=2", "eval.n_prompts=4",
-              "train.ema_decay=0", "train.log_every=1", "codec.vae_steps=4"]
+              "train.ema_decay=0", "train.log_every=1", "codec.vae_steps=4", "codec.vq_steps=4"]
 
 
 @dataclass
@@ -114,7 +124,9 @@ def arm_config(setting: str, arm: str, seed: int, steps: int, run_dir: Path, ass
                extra: list[str]) -> Config:
     """The resolved config of one run. ``dense_large`` is dense with twice the base's layers."""
     arch = "dense" if arm == "dense_large" else arm
-    base = REPO / "configs" / ("debug.yaml" if smoke else f"small_{arch}.yaml")
+    name = ("chameleon_debug" if smoke else "chameleon_small") if setting == "chameleon" else \
+        ("debug" if smoke else f"small_{arch}")
+    base = REPO / "configs" / f"{name}.yaml"
     overrides = [f"model.arch={arch}", f"name={setting}-{arm}"]
     if arm == "dense_large":
         overrides.append(f"model.n_layers={2 * load_config(str(base), check=False).model.n_layers}")
@@ -205,9 +217,9 @@ def read_run(cfg: Config, setting: str, arm: str, run_dir: Path, stats: tuple[fl
     fpt = model_flops_per_token(model_cfg, cfg.data.seq_len, training=True, text_fraction=text_share)
     tokens_per_step = doc_tokens * examples_per_batch(cfg) * cfg.train.grad_accum
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    keys = ("val_flow", "val_lm", "val_ppl", "val_caption_nll")
+    keys = (image_key(setting), "val_lm", "val_ppl", "val_caption_nll")
     curve = [{"step": r["step"], "flops": fpt * tokens_per_step * r["step"], **{k: r.get(k) for k in keys}}
-             for r in rows if "val_flow" in r]
+             for r in rows if keys[0] in r]
     spent = json.loads((run_dir / WALL).read_text())
     return Run(setting, arm, cfg.model.arch, cfg.train.seed, cfg.train.steps, model.num_params(),
                model.num_params(active=True), fpt, tokens_per_step, spent["seconds"], spent["cpu_seconds"], curve,
@@ -254,10 +266,11 @@ def headline(runs: list[Run]) -> dict:
     by = {(r.arm, r.seed): r for r in runs}
     seeds = sorted({r.seed for r in runs if r.arm in PAIR})
     first = seeds[0] if seeds else 0
+    keys = (image_key(runs[0].setting), "val_lm")
     out: dict = {}
     for arm in ("mot", "moe", "dense_large"):
         if (arm, first) in by and ("dense", first) in by and arm != "dense_large":
-            out[f"{arm}_vs_dense"] = {k: fraction(by[arm, first], by["dense", first], k) for k in ("val_flow", "val_lm")}
+            out[f"{arm}_vs_dense"] = {k: fraction(by[arm, first], by["dense", first], k) for k in keys}
     if ("mot", first) in by and ("dense_large", first) in by:
         mot, large = by["mot", first], by["dense_large", first]
         out["mot_vs_dense_large"] = {
@@ -266,125 +279,20 @@ def headline(runs: list[Run]) -> dict:
             **{k: {"mot_final": mot.curve[-1][k], "dense_large_final": large.curve[-1][k],
                    "mot_better": mot.curve[-1][k] < large.curve[-1][k],
                    **{f"mot_{n}": v for n, v in fraction(mot, large, k).items() if n in ("fraction", "note")}}
-               for k in ("val_flow", "val_lm")}}
+               for k in keys}}
     spread: dict = {}
     for arm in PAIR:
         finals = {s: by[arm, s] for s in seeds if (arm, s) in by}
         if len(finals) > 1:
             spread[arm] = {k: {"values": [r.curve[-1][k] for r in finals.values()],
                                "spread": max(r.curve[-1][k] for r in finals.values())
-                               - min(r.curve[-1][k] for r in finals.values())} for k in ("val_flow", "val_lm")}
-    per_seed = {s: {k: fraction(by["mot", s], by["dense", s], k)["fraction"] for k in ("val_flow", "val_lm")}
+                               - min(r.curve[-1][k] for r in finals.values())} for k in keys}
+    per_seed = {s: {k: fraction(by["mot", s], by["dense", s], k)["fraction"] for k in keys}
                 for s in seeds if ("mot", s) in by and ("dense", s) in by}
     if len(per_seed) > 1:
         spread["mot_fraction_per_seed"] = per_seed
     out["seed_spread"] = spread
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Plot and table
-# --------------------------------------------------------------------------------------------------
-COLORS = {"dense": "tab:blue", "mot": "tab:red", "moe": "tab:green", "dense_large": "tab:purple"}
-
-
-def plot(runs: dict[str, list[Run]], out: Path) -> Path:
-    """Rows: settings; columns: validation diffusion loss and text loss against training FLOPs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    settings = [s for s in runs if runs[s]]
-    fig, axes = plt.subplots(len(settings), 2, figsize=(11, 3.8 * len(settings)), squeeze=False)
-    for row, setting in zip(axes, settings):
-        for ax, key, title in ((row[0], "val_flow", "val diffusion loss (fixed t grid)"),
-                               (row[1], "val_lm", "val text loss (nats/token)")):
-            for r in runs[setting]:
-                pts = [(c["flops"], c[key]) for c in r.curve if c.get(key) is not None]
-                ax.plot(*zip(*pts), marker="o", ms=3, lw=1.3, color=COLORS.get(r.arm, "gray"),
-                        ls="-" if r.seed == runs[setting][0].seed else "--", label=r.label)
-            dense = [r for r in runs[setting] if r.arm == "dense"]
-            if dense:
-                ax.axhline(dense[0].curve[-1][key], color=COLORS["dense"], lw=0.7, ls=":")
-            ax.set_xscale("log")
-            ax.set_xlabel("training FLOPs")
-            ax.set_title(f"{setting}: {title}", fontsize=10)
-            ax.grid(alpha=0.3, which="both")
-        row[0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path = out / f"{NAME}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _share(f: float | None) -> str:
-    return "not reached" if f is None else f"{100 * f:.0f}%"
-
-
-def _pct(entry: dict) -> str:
-    return _share(entry.get("fraction")) + (" (upper bound)" if "upper" in entry["note"] else "")
-
-
-def table_rows(runs: list[Run]) -> list[dict]:
-    return [{"run": r.label, "arch": r.arch, "steps": r.steps, "params total (M)": r.params_total / 1e6,
-             "params active (M)": r.params_active / 1e6, "MFLOPs/token": r.flops_per_token / 1e6,
-             "train PFLOPs": r.total_flops / 1e15, "val diffusion loss": r.curve[-1]["val_flow"],
-             "val text loss": r.curve[-1]["val_lm"], "val ppl": r.curve[-1]["val_ppl"],
-             "val caption NLL": r.curve[-1]["val_caption_nll"],
-             "prompt-following": r.final.get("prompt_following", "-"), "wall (min)": r.wall_s / 60,
-             "CPU (min)": r.cpu_s / 60}
-            for r in runs]
-
-
-MOE_NOTE = ("MoE-4x trains with expert choice within each document, its capacity counted over real tokens "
-            "(one expert FFN per real token on average). Within a document expert choice is not causal: whether "
-            "an expert takes a token depends on the document's later tokens, so its training text loss can read "
-            "a little of the future through the routing. Its validation losses and samples use the causal "
-            "per-token router (a predictor trained alongside to imitate expert choice), which reads no future.")
-
-
-def markdown(runs: dict[str, list[Run]], heads: dict[str, dict], skipped: dict[str, str]) -> str:
-    lines = ["# MoT vs dense vs MoE-4x at equal FLOPs per token (small scale)", "", "{header}",
-             "Same shape, data, seed and steps per setting; `dense_large` has twice the layers (the MoT's "
-             "total parameters, ~2x its FLOPs/token). Losses are the runs' validation losses on held-out "
-             "data with a fixed t grid and fixed noise. Training FLOPs = FLOPs/token (6 per active weight + "
-             "attention, `components/flops.py`) x tokens seen (examples x estimated tokens per example). "
-             "Wall-clock and CPU time (all threads; a busy machine inflates the first, not the second) "
-             "include the runs' periodic validation and final sampling.", "", MOE_NOTE, "",
-             f"![curves]({NAME}.png)", ""]
-    for setting, note in skipped.items():
-        lines += [f"**{setting}: skipped** ({note})", ""]
-    for setting, rs in runs.items():
-        if not rs:
-            continue
-        h = heads[setting]
-        lines += [f"## {setting}", "", md_table(table_rows(rs)), "", "Headline figures:", ""]
-        for arm, name in (("mot", "MoT"), ("moe", "MoE-4x")):
-            if f"{arm}_vs_dense" in h:
-                e = h[f"{arm}_vs_dense"]
-                lines.append(f"- Share of dense's training FLOPs {name} needs to reach dense's final image loss "
-                             f"({e['val_flow']['target']:.4f}): **{_pct(e['val_flow'])}**; its final text loss "
-                             f"({e['val_lm']['target']:.4f}): **{_pct(e['val_lm'])}**.")
-        if "mot_vs_dense_large" in h:
-            e = h["mot_vs_dense_large"]
-            img, txt = e["val_flow"], e["val_lm"]
-            lines.append(f"- Small MoT vs dense_large ({e['flops_ratio_large_over_mot']:.2f}x MoT's FLOPs at equal "
-                         f"tokens): image loss {img['mot_final']:.4f} vs {img['dense_large_final']:.4f} "
-                         f"(MoT {'better' if img['mot_better'] else 'not better'}), text loss "
-                         f"{txt['mot_final']:.4f} vs {txt['dense_large_final']:.4f} "
-                         f"(MoT {'better' if txt['mot_better'] else 'not better'}).")
-        for arm, s in h["seed_spread"].items():
-            if arm in PAIR:
-                lines.append(f"- Seed spread of {arm} (final, max - min over seeds): image "
-                             f"{s['val_flow']['spread']:.4f}, text {s['val_lm']['spread']:.4f}.")
-        if "mot_fraction_per_seed" in h["seed_spread"]:
-            per = h["seed_spread"]["mot_fraction_per_seed"]
-            lines.append("- MoT's share of dense's FLOPs per seed (image / text): " + ", ".join(
-                f"s{s}: {_share(v['val_flow'])} / {_share(v['val_lm'])}" for s, v in per.items()))
-        lines.append("")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,18 +308,19 @@ def plan(archs: list[str], seeds: list[int]) -> list[tuple[str, int]]:
 def shared_codec(setting: str, args, steps: int) -> tuple[list[str], float]:
     """Overrides that give every run of a setting the same codec, and the seconds it took to make.
 
-    The small VAE is trained per seed by default; here it is trained once (first seed's config) and
-    pinned with ``codec.path``, so all runs, seeds included, predict the same latents and their
-    diffusion losses compare.
+    The small VAE (Chameleon: VQ tokenizer) is trained per seed by default; here it is trained once (first
+    seed's config) and pinned with ``codec.path``, so all runs, seeds included, predict the same latents (or
+    codes) and their image losses compare.
     """
     from transfusion_mot.data.pipeline import train_codec_for
+    from transfusion_mot.data.vq_train import train_tokenizer_for
 
     probe = arm_config(setting, "dense", args.seeds[0], steps, args.out / "runs" / setting / "codec-probe",
                        args.assets, args.smoke, args.set)
-    if probe.codec.kind != "trained" or probe.codec.path:
+    if probe.codec.kind not in ("trained", "vq") or probe.codec.path:
         return [], 0.0
     t0 = time.perf_counter()
-    path = train_codec_for(probe)
+    path = (train_tokenizer_for if probe.codec.kind == "vq" else train_codec_for)(probe)
     return [f"codec.path={path}"], time.perf_counter() - t0
 
 
@@ -442,7 +351,7 @@ def run_setting(setting: str, norm: str, args, steps: int, train_runs: bool = Tr
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--settings", default="shapes,flickr", help="comma list of: shapes, flickr")
+    p.add_argument("--settings", default="shapes,flickr", help="comma list of: shapes, flickr; or chameleon alone")
     p.add_argument("--archs", default=",".join(ARMS), help=f"comma list of: {', '.join(ARMS)}")
     p.add_argument("--norms", default=",".join(NORMS), help="comma list of norm placements: post (Algorithm 1), pre")
     p.add_argument("--seeds", default="0,1", help="seeds of the headline pair (mot, dense); other arms use the first")
@@ -465,6 +374,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for s in args.settings:
         if s not in DEFAULT_STEPS:
             p.error(f"--settings: unknown setting {s!r}; choose from {', '.join(DEFAULT_STEPS)}")
+    if "chameleon" in args.settings and len(args.settings) > 1:
+        p.error("--settings chameleon runs alone (its results are compare_archs_chameleon.*)")
     for a in args.archs:
         if a not in ARMS:
             p.error(f"--archs: unknown arm {a!r}; choose from {', '.join(ARMS)}")
@@ -477,6 +388,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    name = f"{NAME}_chameleon" if args.settings == ["chameleon"] else NAME  # the Transfusion results stay
     runs: dict[str, list[Run]] = {}
     codec_s: dict[str, float] = {}
     skipped: dict[str, str] = {}
@@ -492,12 +404,12 @@ def main(argv: list[str] | None = None) -> Path:
             codec_s[setting] = codec_s.get(setting, 0.0) + seconds  # made once; the second placement reuses it
     heads = {s: headline(rs) for s, rs in runs.items() if rs}
     args.out.mkdir(parents=True, exist_ok=True)
-    png = plot(runs, args.out) if any(runs.values()) else None
+    png = plot(runs, args.out, name) if any(runs.values()) else None
     data = {"settings": {s: {"runs": [dataclasses.asdict(r) | {"total_flops": r.total_flops} for r in rs]}
                          for s, rs in runs.items()},
             "headline": heads, "codec_seconds": codec_s, "skipped": skipped,
             "plot": png.name if png else None, "smoke": args.smoke}
-    path = write_results(NAME, data, markdown(runs, heads, skipped), args.out)
+    path = write_results(name, data, markdown(runs, heads, skipped, name), args.out)
     print(f"[{NAME}] wrote {path}, {path.with_suffix('.md')}" + (f", {png}" if png else ""), flush=True)
     return path
 

@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True)
     add_device_args(p)
     args = p.parse_args(argv)
-    from transfusion_mot.data import shapes
+    from transfusion_mot.metrics import shapes_checker as shapes
 
     state = process_state()
     pipe = load_pipeline(args, state)

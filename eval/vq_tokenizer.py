@@ -26,7 +26,9 @@ from common import REPO, RESULTS, commit, md_table, write_results
 
 from transfusion_mot.config import load_config
 from transfusion_mot.data import shapes
-from transfusion_mot.data.pipeline import _vae_images, build_records
+from transfusion_mot.metrics import shapes_checker
+from transfusion_mot.data.pipeline import build_records
+from transfusion_mot.data.run_codec import _vae_images
 from transfusion_mot.data.vq import ImageTokenizer
 from transfusion_mot.data import vq_train
 
@@ -58,16 +60,16 @@ SETTINGS = {
 
 
 def facts(roundtrip, cfg) -> tuple[float, dict[str, float]]:
-    """The ceiling (shapes.reconstruction_score) and the share of each kind of fact that holds."""
+    """The ceiling (shapes_checker.reconstruction_score) and the share of each kind of fact that holds."""
     d = cfg.data
-    score = shapes.reconstruction_score(roundtrip, n=N_SCENES, resolution=d.resolution,
-                                        max_shapes=d.shapes_max_shapes, textured=d.shapes_textured)
-    scenes = shapes.held_out_scenes(N_SCENES, max_shapes=d.shapes_max_shapes, textured=d.shapes_textured)
-    pixels = torch.stack([torch.from_numpy(shapes._as_array(shapes.render(s, d.resolution))).permute(2, 0, 1)
+    score = shapes_checker.reconstruction_score(roundtrip, n=N_SCENES, resolution=d.resolution,
+                                                max_shapes=d.shapes_max_shapes, textured=d.shapes_textured)
+    scenes = shapes_checker.held_out_scenes(N_SCENES, max_shapes=d.shapes_max_shapes, textured=d.shapes_textured)
+    pixels = torch.stack([torch.from_numpy(shapes_checker._as_array(shapes.render(s, d.resolution))).permute(2, 0, 1)
                           for s in scenes])
     kinds: dict[str, list[bool]] = {}
     for img, scene in zip(roundtrip(pixels), scenes):
-        for key, ok in shapes.check(img, shapes.caption(scene)).facts.items():
+        for key, ok in shapes_checker.check(img, shapes.caption(scene)).facts.items():
             kinds.setdefault(key.split(".")[-1], []).append(ok)
     return score, {k: sum(v) / len(v) for k, v in kinds.items()}
 

@@ -15,7 +15,8 @@ from PIL import Image as PILImage
 
 from transfusion_mot.config import load_config
 from transfusion_mot.data.packing import Specials
-from transfusion_mot.data.pipeline import ExampleSource, _vae_images, build_records, build_stream, prepare_tokenizer
+from transfusion_mot.data.pipeline import ExampleSource, build_records, build_stream, prepare_tokenizer
+from transfusion_mot.data.run_codec import _vae_images
 from transfusion_mot.data.segments import Record
 from transfusion_mot.data.sources import BadRecord, ImageFolderSource, build_source
 

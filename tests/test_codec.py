@@ -12,7 +12,8 @@ from PIL import Image as PILImage
 from conftest import REPO
 
 from transfusion_mot.config import CodecConfig, load_config
-from transfusion_mot.data import shapes, taef2
+from transfusion_mot.data import taef2
+from transfusion_mot.metrics import shapes_checker
 from transfusion_mot.data.codec import LatentCodec, load_codec
 from transfusion_mot.data.latent_cache import CACHE_ENV, CachedEncoder, LatentCache, resolve_cache_dir
 from transfusion_mot.data.vae_train import cached_vae_dir, get_or_train_vae, train_vae
@@ -136,8 +137,8 @@ def test_trained_vae_reconstructs_shapes(shapes_vae: Path):
     # background PSNR for the shapes' colours).
     assert mean_psnr >= 19.5
     # What the main job is scored on: the checker finds each caption's colours in the reconstruction.
-    captions = shapes.held_out_prompts(32, split="test", max_shapes=main.shapes_max_shapes)  # the images' captions
-    colour = [v for img, c in zip(recon, captions) for k, v in shapes.check(img, c).facts.items()
+    captions = shapes_checker.held_out_prompts(32, split="test", max_shapes=main.shapes_max_shapes)  # the images' captions
+    colour = [v for img, c in zip(recon, captions) for k, v in shapes_checker.check(img, c).facts.items()
               if k.endswith("colour")]
     print(f"colour facts found in the reconstructions: {sum(colour) / len(colour):.3f}")
     assert sum(colour) / len(colour) >= COLOUR_FACTS_MIN

@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "eval"))
-from compare_archs import flops_to_reach, main, plan  # noqa: E402
+from compare_archs import arm_config, flops_to_reach, main, plan  # noqa: E402
 
 SCRIPT = REPO / "eval" / "compare_archs.py"
 HEADLINE = ("mot_vs_dense", "moe_vs_dense", "mot_vs_dense_large", "seed_spread")
@@ -94,3 +94,47 @@ def test_flops_to_reach_interpolates_in_log_flops():
 def test_plan_trains_the_headline_pair_with_every_seed():
     assert plan(["dense", "mot", "moe"], [0, 1, 2]) == [("dense", 0), ("mot", 0), ("moe", 0), ("dense", 1),
                                                          ("mot", 1), ("dense", 2), ("mot", 2)]
+
+
+@pytest.mark.slow  # six Chameleon debug runs + a 4-step VQ tokenizer, ~30 s on the loaded 2-core CPU
+def test_chameleon_smoke_writes_its_own_results(tmp_path):
+    """--settings chameleon: the same harness on chameleon_debug, every run on one shared VQ tokenizer, the
+    headline read from the image-token NLL, written to compare_archs_chameleon.* beside (not over) the
+    Transfusion results."""
+    (tmp_path / "compare_archs.json").write_text("{}")  # a Transfusion result already there
+    main(["--smoke", "--out", str(tmp_path), "--settings", "chameleon", "--norms", "post"])
+    assert (tmp_path / "compare_archs.json").read_text() == "{}"
+    for suffix in ("png", "md", "json"):
+        assert (tmp_path / f"compare_archs_chameleon.{suffix}").stat().st_size > 0
+    record = json.loads((tmp_path / "compare_archs_chameleon.json").read_text())
+    head = record["headline"]["chameleon/post-norm"]
+    assert set(HEADLINE) <= set(head) and set(head["mot_vs_dense"]) == {"val_image_nll", "val_lm"}
+    assert set(head["seed_spread"]) >= {"mot", "dense"}
+    runs = {r["arm"] + f"-s{r['seed']}": r for r in record["settings"]["chameleon/post-norm"]["runs"]}
+    assert set(runs) == {"dense-s0", "mot-s0", "moe-s0", "dense_large-s0", "mot-s1", "dense-s1"}
+    assert runs["mot-s0"]["flops_per_token"] == runs["dense-s0"]["flops_per_token"]
+    for r in runs.values():
+        assert len(r["curve"]) >= 2 and r["curve"][-1]["step"] == r["steps"]
+        assert all(math.isfinite(c["val_image_nll"]) and math.isfinite(c["val_lm"]) for c in r["curve"])
+        assert 0 <= r["final"]["prompt_following"] <= 1  # Chameleon samples scored by the shapes checker
+    configs = [yaml.safe_load((tmp_path / "runs" / "chameleon" / "post" / k / "config.yaml").read_text())
+               for k in runs]
+    assert {c["model"]["setting"] for c in configs} == {"chameleon"}
+    assert len({c["codec"]["path"] for c in configs}) == 1 and configs[0]["codec"]["kind"] == "vq"  # one tokenizer
+    md = (tmp_path / "compare_archs_chameleon.md").read_text()
+    assert "Chameleon setting" in md and "dense's final image loss" in md and "compare_archs_chameleon.png" in md
+
+
+def test_chameleon_setting_configs_and_flags(tmp_path, capsys):
+    """Each arm of the Chameleon setting is chameleon_small's shape with the arm's arch; the setting runs
+    alone, since it writes results of its own."""
+    for arm, arch, layers in (("mot", "mot", 1), ("moe", "moe", 1), ("dense_large", "dense", 2)):
+        cfg = arm_config("chameleon", arm, 0, 80, tmp_path / arm, tmp_path, False, [])
+        small = yaml.safe_load((REPO / "configs" / "chameleon_small.yaml").read_text())
+        assert (cfg.model.setting, cfg.model.arch, cfg.codec.kind) == ("chameleon", arch, "vq")
+        assert (cfg.data.seq_len, cfg.data.resolution) == (small["data"]["seq_len"], small["data"]["resolution"])
+        base = arm_config("chameleon", "dense", 0, 80, tmp_path / "d", tmp_path, False, []).model.n_layers
+        assert cfg.model.n_layers == layers * base and cfg.train.steps == 80
+    with pytest.raises(SystemExit) as stop:
+        _smoke_here(tmp_path, "--settings", "shapes,chameleon")
+    assert stop.value.code == 2 and "chameleon runs alone" in capsys.readouterr().err

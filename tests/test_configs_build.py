@@ -25,7 +25,7 @@ SHRINK = ["model.dim=32", "model.n_layers=1", "model.n_heads=2"]
 
 def _caption(cfg, assets: Path) -> str:
     if cfg.data.source == "shapes":
-        from transfusion_mot.data.shapes import held_out_prompts
+        from transfusion_mot.metrics.shapes_checker import held_out_prompts
 
         return held_out_prompts(1, split="test", max_shapes=cfg.data.shapes_max_shapes)[0]
     coco = json.loads((assets / "images" / "coco-mini" / "captions_val2017_subset.json").read_text())

@@ -99,3 +99,24 @@ def test_param_table_all_sizes_on_meta():
         assert moe["total"] > mot["total"] and moe["active"] == pytest.approx(dense["active"], rel=0.01)
     assert by["163M", "dense"]["total"] == pytest.approx(163e6, rel=0.02)
     assert by["760M", "dense"]["seq_len"] == 4096 and by["debug", "mot"]["seq_len"] == size_config("debug", "mot")[1]
+
+
+def test_chameleon_image_head_is_the_codebook_softmax():
+    """In the Chameleon setting an image position's head is D x image_vocab_size (the VQ codebook's
+    logits), not a patch / velocity head: the analytic count matches flop_counter on a Chameleon model."""
+    from transfusion_mot.data.segments import ImageTokens
+    from transfusion_mot.model.chameleon import next_token_predict
+
+    model, cfg = debug_model("model.setting=chameleon", "codec.kind=vq", "model.patch_size=1",
+                             "model.image_vocab_size=512", "data.seq_len=160", "model.latent_size=8",
+                             "data.max_caption_tokens=60")
+    g = torch.Generator().manual_seed(0)
+    docs = [[Text(torch.randint(0, 256, (12,), generator=g).tolist()),
+             ImageTokens(torch.randint(0, 512, (8, 8), generator=g))] for _ in range(4)]  # 80 tokens each
+    batch = pack(docs, 160, SPECIALS, 1)
+    predict = next_token_predict(batch.modality, batch.text_targets)
+    assert (batch.doc_id >= 0).all() and (predict >= 0).float().mean() > 0.98  # nearly every position predicts
+    text_fraction = float((predict == 0).sum() / (predict >= 0).sum())
+    forward = model_flops_per_token(model.cfg, 160, training=False, text_fraction=text_fraction)
+    assert measured_flops(model, batch) / batch.tokens.numel() == pytest.approx(forward, rel=0.02)
+    assert model.cfg.image_vocab_size * model.cfg.dim * 2 < forward  # the codebook head is really counted

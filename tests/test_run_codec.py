@@ -11,7 +11,7 @@ import torch
 from conftest import REPO
 
 from transfusion_mot.config import load_config
-from transfusion_mot.data import pipeline
+from transfusion_mot.data import run_codec
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 
@@ -26,16 +26,16 @@ def run_with_vae(tmp_path_factory):
     codec.json recording what the pipeline would have trained it for."""
     run = tmp_path_factory.mktemp("run")
     cfg = _cfg(run)
-    records = pipeline.build_records(cfg.data, "train")
-    with mock.patch.object(pipeline, "_vae_images", lambda *a, **k: lambda step: torch.rand(4, 3, 32, 32)):
-        pipeline.prepare_codec(cfg, run, records=records)
+    records = run_codec.build_records(cfg.data, "train")
+    with mock.patch.object(run_codec, "_vae_images", lambda *a, **k: lambda step: torch.rand(4, 3, 32, 32)):
+        run_codec.prepare_codec(cfg, run, records=records)
     assert json.loads((run / "vae" / "codec.json").read_text())["name"] == records.name
     return run
 
 
 def test_the_same_config_reuses_the_run_dirs_vae(run_with_vae):
-    with mock.patch.object(pipeline, "train_codec_for", side_effect=AssertionError("trained again")):
-        codec, _ = pipeline.prepare_codec(_cfg(run_with_vae), run_with_vae)
+    with mock.patch.object(run_codec, "train_codec_for", side_effect=AssertionError("trained again")):
+        codec, _ = run_codec.prepare_codec(_cfg(run_with_vae), run_with_vae)
     assert codec.latent_channels == 4
 
 
@@ -46,17 +46,17 @@ def test_the_same_config_reuses_the_run_dirs_vae(run_with_vae):
     (["train.seed=3"], "train.seed"),
 ])
 def test_a_vae_for_other_data_or_settings_is_refused_before_work(run_with_vae, extra, named):
-    with mock.patch.object(pipeline, "train_codec_for", side_effect=AssertionError("work started")):
+    with mock.patch.object(run_codec, "train_codec_for", side_effect=AssertionError("work started")):
         with pytest.raises(ValueError, match="holds a VAE trained for other data or settings") as err:
-            pipeline.prepare_codec(_cfg(run_with_vae, *extra), run_with_vae)
+            run_codec.prepare_codec(_cfg(run_with_vae, *extra), run_with_vae)
     assert named in str(err.value) and str(run_with_vae / "vae") in str(err.value)
 
 
 def test_codec_path_must_be_the_vae_the_run_dir_copied(run_with_vae, tmp_path):
     other = tmp_path / "other_vae"
     shutil.copytree(run_with_vae / "vae", other)
-    assert pipeline.prepare_codec(_cfg(run_with_vae, f"codec.path={other}"), run_with_vae)  # the same VAE
+    assert run_codec.prepare_codec(_cfg(run_with_vae, f"codec.path={other}"), run_with_vae)  # the same VAE
     meta = json.loads((other / "codec.json").read_text())
     (other / "codec.json").write_text(json.dumps({**meta, "scaling_factor": 2.0}))
     with pytest.raises(ValueError, match="holds another VAE than codec.path"):
-        pipeline.prepare_codec(_cfg(run_with_vae, f"codec.path={other}"), run_with_vae)
+        run_codec.prepare_codec(_cfg(run_with_vae, f"codec.path={other}"), run_with_vae)

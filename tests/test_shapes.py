@@ -13,6 +13,7 @@ from PIL import Image, ImageFilter
 
 from transfusion_mot.data import shapes as S
 from transfusion_mot.data.segments import Record
+from transfusion_mot.metrics import shapes_checker as C
 
 
 def _test_items(n: int, resolution: int, start: int = 0):
@@ -23,11 +24,11 @@ def _test_items(n: int, resolution: int, start: int = 0):
 def test_palette_is_saturated_and_hue_separated():
     assert len(S.COLOURS) >= 8 and S.SIZES == ("small", "large")
     assert {"circle", "square", "triangle", "star"} <= set(S.SHAPES)
-    hues = np.sort(np.degrees(S._PALETTE_HUES) % 360)
+    hues = np.sort(np.degrees(C._PALETTE_HUES) % 360)
     gaps = np.diff(np.append(hues, hues[0] + 360))
     assert gaps.min() > 20, f"palette hues too close: {hues}"
     rgb = np.array(list(S.COLOURS.values())) / 255
-    assert (rgb.max(1) - rgb.min(1)).min() > 2 * S._CHROMA_MIN  # far above the checker's threshold
+    assert (rgb.max(1) - rgb.min(1)).min() > 2 * C._CHROMA_MIN  # far above the checker's threshold
 
 
 def test_scene_is_deterministic_and_seed_dependent():
@@ -78,11 +79,11 @@ def test_captions_parse_and_round_trip():
     for seed in range(300):
         scene = S.make_scene(S.split_seed("val", seed))
         text = S.caption(scene)
-        parsed = S.parse_caption(text)
+        parsed = C.parse_caption(text)
         assert [g for g, _ in S.scene_groups(scene)] == parsed.groups
         assert S.format_caption(parsed) == text
         assert (parsed.relation is None) == (len(parsed.groups) == 1)
-    groups, relation = S.parse_caption("Two GREEN triangles above a small red circle.")
+    groups, relation = C.parse_caption("Two GREEN triangles above a small red circle.")
     assert groups == [S.Group(2, "green", "triangle", None), S.Group(1, "red", "circle", "small")]
     assert relation == "above"
 
@@ -91,15 +92,15 @@ def test_captions_parse_and_round_trip():
                                   "a magenta circle", "a red circle above a red square", "five red circles"])
 def test_bad_caption_raises_naming_the_text(text):
     with pytest.raises(ValueError, match=re.escape(repr(text))):
-        S.parse_caption(text)
+        C.parse_caption(text)
     with pytest.raises(ValueError):
-        S.check(np.zeros((32, 32, 3), np.uint8), text)
+        C.check(np.zeros((32, 32, 3), np.uint8), text)
 
 
 @pytest.mark.parametrize("resolution,n", [(64, 200), (32, 60), (128, 40)])
 def test_checker_scores_real_images_high(resolution, n):
     scenes, images, captions = _test_items(n, resolution)
-    results = [S.check(img, cap) for img, cap in zip(images, captions)]
+    results = [C.check(img, cap) for img, cap in zip(images, captions)]
     assert np.mean([r.score for r in results]) >= 0.95
     assert all(0.0 <= r.score <= 1.0 for r in results)
     two = next(r for r, s in zip(results, scenes) if len(S.scene_groups(s)) == 2)
@@ -109,43 +110,43 @@ def test_checker_scores_real_images_high(resolution, n):
 def test_checker_tolerates_blur():
     _, images, captions = _test_items(100, 64)
     blurred = [img.filter(ImageFilter.GaussianBlur(1)) for img in images]
-    assert S.prompt_following_score(blurred, captions) >= 0.85
+    assert C.prompt_following_score(blurred, captions) >= 0.85
 
 
 def test_checker_gives_blank_and_noise_nothing():
-    captions = S.held_out_prompts(40)
+    captions = C.held_out_prompts(40)
     blanks = [np.full((64, 64, 3), level, np.uint8) for level in (0, 64, 128, 192, 255)]
-    blank_scores = [S.check(img, cap).score for img in blanks for cap in captions]
+    blank_scores = [C.check(img, cap).score for img in blanks for cap in captions]
     assert max(blank_scores) <= 0.1
     for resolution in (32, 64):
         gen = torch.Generator().manual_seed(resolution)
         noise = [torch.rand(3, resolution, resolution, generator=gen) for _ in captions]
-        assert S.prompt_following_score(noise, captions) <= 0.1
+        assert C.prompt_following_score(noise, captions) <= 0.1
 
 
 def test_wrong_captions_score_lower_and_fail_the_right_fact():
     scenes, images, captions = _test_items(60, 64, start=300)
     right, wrong = [], []
     for scene, img, text in zip(scenes, images, captions):
-        groups, relation = S.parse_caption(text)
+        groups, relation = C.parse_caption(text)
         used = {g.colour for g in groups}
         other = next(c for c in S.COLOURS if c not in used)
         recoloured = S.format_caption(S.Caption([dataclasses.replace(groups[0], colour=other)] + groups[1:], relation))
         reshaped_kind = next(k for k in S.SHAPES if k != groups[0].kind)
         reshaped = S.format_caption(S.Caption([dataclasses.replace(groups[0], kind=reshaped_kind)] + groups[1:],
                                               relation))
-        right.append(S.check(img, text).score)
-        wrong.append(S.check(img, recoloured).score)
-        assert not S.check(img, recoloured).facts["g0.colour"]
-        assert not S.check(img, reshaped).facts["g0.shape"]
+        right.append(C.check(img, text).score)
+        wrong.append(C.check(img, recoloured).score)
+        assert not C.check(img, recoloured).facts["g0.colour"]
+        assert not C.check(img, reshaped).facts["g0.shape"]
         if relation is not None:
             flipped = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}[relation]
-            assert not S.check(img, S.format_caption(S.Caption(groups, flipped))).facts["relation"]
+            assert not C.check(img, S.format_caption(S.Caption(groups, flipped))).facts["relation"]
     assert np.mean(wrong) < np.mean(right) - 0.4
 
 
 def test_chance_score_is_well_below_half():
-    assert S.chance_score(n=64) < 0.25
+    assert C.chance_score(n=64) < 0.25
 
 
 def test_checker_accepts_tensor_pil_and_array_alike():
@@ -153,12 +154,12 @@ def test_checker_accepts_tensor_pil_and_array_alike():
     img, text = S.render(scene, 64), S.caption(scene)
     arr = np.asarray(img)
     tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
-    scores = {S.check(x, text).score for x in (img, arr, tensor, tensor * 1.2 - 0.1)}
+    scores = {C.check(x, text).score for x in (img, arr, tensor, tensor * 1.2 - 0.1)}
     assert scores == {1.0}
     with pytest.raises(ValueError, match="expected"):
-        S.check(torch.zeros(64, 64), text)
+        C.check(torch.zeros(64, 64), text)
     with pytest.raises(ValueError, match="images for"):
-        S.prompt_following_score([img], [text, text])
+        C.prompt_following_score([img], [text, text])
 
 
 def test_dataset_records_name_and_speed():
@@ -187,17 +188,17 @@ def test_checker_is_fast():
     times = []
     for arr, cap in zip(arrays, captions):
         t0 = time.perf_counter()
-        S.check(arr, cap)
+        C.check(arr, cap)
         times.append(time.perf_counter() - t0)
     assert statistics.median(times) < 0.005
 
 
 def test_held_out_prompts_are_the_test_captions():
-    prompts = S.held_out_prompts(12)
-    assert prompts == S.held_out_prompts(12) and len(prompts) == 12
+    prompts = C.held_out_prompts(12)
+    assert prompts == C.held_out_prompts(12) and len(prompts) == 12
     ds = S.ShapesDataset("test", size=12)
     assert prompts == [ds[i].captions[0] for i in range(12)]
-    assert S.held_out_prompts(5, split="val") != prompts[:5]
+    assert C.held_out_prompts(5, split="val") != prompts[:5]
 
 
 def test_render_is_resolution_independent():
@@ -209,7 +210,7 @@ def test_render_is_resolution_independent():
 
 def test_reconstruction_score_reads_what_a_codec_keeps():
     """Identity keeps every fact; a grey codec keeps none; swapping red and blue loses the colours."""
-    assert S.reconstruction_score(lambda x: x, n=12, max_shapes=2, textured=False) == 1.0
-    assert S.reconstruction_score(lambda x: torch.full_like(x, 0.5), n=12, max_shapes=2) == 0.0
-    swapped = S.reconstruction_score(lambda x: x[:, [2, 1, 0]], n=12, max_shapes=2, textured=False)
+    assert C.reconstruction_score(lambda x: x, n=12, max_shapes=2, textured=False) == 1.0
+    assert C.reconstruction_score(lambda x: torch.full_like(x, 0.5), n=12, max_shapes=2) == 0.0
+    swapped = C.reconstruction_score(lambda x: x[:, [2, 1, 0]], n=12, max_shapes=2, textured=False)
     assert swapped < 0.5

@@ -238,3 +238,49 @@ def test_coco_mini_subset(assets_dir: Path):
     assert record.image.mode == "RGB" and record.meta["image_id"] == 431848
     pixels = ImageTransform(64)(record.image)
     assert pixels.shape == (3, 64, 64) and torch.equal(pixels[0], pixels[1])
+
+
+class _Counted(torch.utils.data.Dataset):
+    """The toy source of the registry test: ``data.path=counted/N`` names N records (an option it checks)."""
+
+    def __init__(self, n: int, split: str):
+        self.n, self.split, self.name = n, split, f"counted-{split}-{n}"
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        from transfusion_mot.data.segments import Record
+
+        return Record(image=noise_image(40, 40, seed=i), captions=[f"{self.split} picture {i}"], key=f"c{i}")
+
+
+def test_a_new_source_is_one_registration(monkeypatch):
+    """Adding a data source = registering a ``SourceSpec``: config validation runs its own option check
+    (and not the shapes source's), and records, training examples and held-out prompts come from it."""
+    from conftest import REPO
+
+    from transfusion_mot.config import ConfigError, load_config
+    from transfusion_mot.data.batches import ExampleSource
+    from transfusion_mot.data.pipeline import build_records, prepare_tokenizer
+    from transfusion_mot.data.sources import SOURCES, SourceSpec
+    from transfusion_mot.evaluate import held_out_prompts
+
+    def check(d):
+        n = d.path.removeprefix("counted/")
+        if not n.isdigit() or int(n) < 1:
+            raise ConfigError(f"data.path={d.path!r}: the counted source takes counted/N, N >= 1 records")
+
+    build = lambda d, split: _Counted(int(d.path.removeprefix("counted/")), split)  # noqa: E731
+    monkeypatch.setitem(SOURCES, "counted", SourceSpec(build, check))
+    debug = str(REPO / "configs" / "debug.yaml")
+    with pytest.raises(ConfigError, match="the counted source takes counted/N"):
+        load_config(debug, ["data.source=counted", "data.path=counted/many"])
+    with pytest.raises(ConfigError, match="data.shapes_max_shapes=9 must lie in 1..4"):  # shapes checks its own
+        load_config(debug, ["data.shapes_max_shapes=9"])
+    cfg = load_config(debug, ["data.source=counted", "data.path=counted/6", "data.shapes_max_shapes=9"])  # not counted's
+    train = build_records(cfg.data, "train")
+    assert isinstance(train, _Counted) and len(train) == 6
+    prepared = ExampleSource(train, prepare_tokenizer(cfg), cfg).prepare(0, SkipStats())
+    assert prepared.pixels.shape == (3, cfg.data.resolution, cfg.data.resolution)
+    assert held_out_prompts(cfg, 2) == ["val picture 0", "val picture 1"]  # not the shapes grammar's

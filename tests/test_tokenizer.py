@@ -33,12 +33,13 @@ def test_byte_tokenizer_round_trip_and_specials():
 
 def test_shapes_words_tokenizer_one_id_per_word():
     from transfusion_mot.data import shapes
+    from transfusion_mot.metrics import shapes_checker
 
     tok = build_tokenizer("shapes-words")
     assert tok.name == "shapes-words" and len(set(specials_of(tok))) == 5
     assert all(i >= len(shapes.vocabulary()) + 1 for i in specials_of(tok))  # after <unk> + the words
     assert tok.vocab_size == len(shapes.vocabulary()) + 1 + 5
-    for text in shapes.held_out_prompts(50):
+    for text in shapes_checker.held_out_prompts(50):
         ids = tok.encode(text)
         assert len(ids) == len(text.split()) and 0 not in ids  # every grammar word is known
         assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == text

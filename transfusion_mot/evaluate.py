@@ -12,13 +12,14 @@ import torch
 from .components.tracking import save_grid
 from .config import Config
 from .data.packing import Specials
+from .data.sources import source_spec
 from .metrics.validation import Pair, validation_losses
 
 
 def held_out_prompts(cfg: Config, n: int) -> list[str]:
     """Prompts the model never trained on: the shapes test split, or captions of the val records."""
-    if cfg.data.source == "shapes":
-        from .data.shapes import held_out_prompts as shapes_prompts
+    if source_spec(cfg.data.source).prompt_following:
+        from .metrics.shapes_checker import held_out_prompts as shapes_prompts
 
         return shapes_prompts(n, split="test", max_shapes=cfg.data.shapes_max_shapes)
     from .data.pipeline import build_records, iter_records
@@ -97,8 +98,8 @@ class Evaluator:
             images = self.codec.decode(latents.to(next(self.codec.parameters()).device)).float().cpu()
             seconds = time.time() - t0
             scores = None
-            if self.cfg.data.source == "shapes":
-                from .data.shapes import check
+            if source_spec(self.cfg.data.source).prompt_following:
+                from .metrics.shapes_checker import check
 
                 scores = [check(img, p).score for img, p in zip(images, prompts)]
                 result["prompt_following"] = sum(scores) / len(scores)
@@ -111,7 +112,7 @@ class Evaluator:
     def codec_ceiling(self, n: int) -> float:
         """Prompt-following of the codec's own reconstructions of the real held-out scenes: the most a
         model decoding through it can score (measured 0.52 for a VAE that turned red orange, 0.91 after)."""
-        from .data.shapes import reconstruction_score
+        from .metrics.shapes_checker import reconstruction_score
 
         d = self.cfg.data
         return reconstruction_score(lambda x: self.codec.decode(self.codec.encode(x)).float().cpu(), n=n,
@@ -123,8 +124,8 @@ class Evaluator:
         grid = self.sample_grid(model, tag="final")
         summary = ""
         if self.is_main:
-            if self.cfg.data.source == "shapes":
-                from .data.shapes import chance_score
+            if source_spec(self.cfg.data.source).prompt_following:
+                from .metrics.shapes_checker import chance_score
 
                 d = self.cfg.data
                 grid["prompt_following_chance"] = chance_score(resolution=d.resolution, max_shapes=d.shapes_max_shapes)

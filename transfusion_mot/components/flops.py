@@ -15,7 +15,8 @@ token meets, backward twice the forward, so training = 3x forward = 6 per weight
   attention skips masked blocks, so it does less work than is counted here (as in the papers).
 * Heads and embeddings as seen per token, weighted by the text share of tokens: the LM head (D x V)
   on text positions; the patch embedding and velocity head (D x C·p², each) on image positions, plus
-  the timestep MLP (run once per image) spread over that image's patches. The embedding lookup, norms,
+  the timestep MLP (run once per image) spread over that image's patches; in the Chameleon setting the
+  image head is the softmax head over the VQ codebook (D x image_vocab_size). The embedding lookup, norms,
   RoPE, softmax and activations are not counted (elementwise work, not matmuls; neither does
   ``torch.utils.flop_counter``).
 """
@@ -61,8 +62,10 @@ def active_matmul_params(cfg: ModelConfig) -> dict[str, float]:
     patch_dim = cfg.latent_channels * cfg.patch_size ** 2
     n_patches = (cfg.latent_size // cfg.patch_size) ** 2
     t_mlp = TIMESTEP_FREQ_DIM * d + d * d  # once per image
-    return {"backbone": float(backbone), "text_head": float(d * cfg.vocab_size),
-            "image_head": 2.0 * d * patch_dim + t_mlp / n_patches}
+    image_head = 2.0 * d * patch_dim + t_mlp / n_patches
+    if cfg.setting == "chameleon":  # image tokens: a softmax head over the codebook (the lookup is not counted)
+        image_head = float(d * cfg.image_vocab_size)
+    return {"backbone": float(backbone), "text_head": float(d * cfg.vocab_size), "image_head": image_head}
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True,

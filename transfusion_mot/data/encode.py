@@ -60,7 +60,7 @@ def codec_for_latents(cfg: Config):
     """(codec, its config): the codec that decodes encoded shards, the one encode.json names unless ``codec.*``
     is set, in which case it must be that same codec (same weights and normalisation)."""
     from .codec import load_codec
-    from .pipeline import check_codec
+    from .run_codec import check_codec
 
     meta = read_meta(cfg.data.path)
     check_meta(meta, cfg, cfg.data.path)
@@ -140,10 +140,13 @@ def encode(cfg: Config, out: str | Path, shard_size: int = 1000, dtype: str = "f
     """Encode ``cfg``'s train and val data into ``out`` (see the module doc); every process calls this."""
     from accelerate import PartialState
 
-    from .pipeline import _records_name, build_records, prepare_codec, prepare_tokenizer
+    from .pipeline import prepare_tokenizer
+    from .records import _records_name, build_records
+    from .run_codec import prepare_codec
+    from .sources import source_spec
 
-    if cfg.data.source == "latents":
-        raise ValueError("data.source=latents is already encoded; encode reads an image source")
+    if source_spec(cfg.data.source).encoded:
+        raise ValueError(f"data.source={cfg.data.source} is already encoded; encode reads an image source")
     if cfg.data.crop != "center":
         raise ValueError(f"data.crop={cfg.data.crop!r}: encode stores one centre crop per image; set data.crop=center")
     if shard_size < 1 or dtype not in DTYPES:

@@ -1,4 +1,9 @@
-"""Real captioned-image sources, the image transform, and the accounting of skipped records (DESIGN §4).
+"""Data sources: the registry that ``data.source`` names, the real captioned-image sources, the image
+transform, and the accounting of skipped records (DESIGN §4).
+
+``SOURCES`` maps each ``data.source`` name to a ``SourceSpec``: how to build its records per split and
+the checks of its own options (``config_checks.validate`` runs them). Adding a source is one
+``register_source`` call; nothing else branches on the name.
 
 The image folder, COCO and Hugging Face sources are map-style datasets of ``Record`` (raw PIL image +
 captions), so data order is a pure function of the index and a run resumes exactly; webdataset shards are
@@ -12,8 +17,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import difflib
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from ..config import ConfigError, DataConfig
 from .segments import Record
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -396,3 +404,87 @@ def _map_records(source, indices, skips: SkipStats):
             yield source[i]
         except BadRecord as bad:
             skips.add(bad.reason, bad.key)
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry: data.source name -> how to build it per split, and the checks of its options
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SourceSpec:
+    """What ``data.source=<name>`` means. ``build(data, split)`` gives the records of "train" or "val"
+    (a map-style dataset of ``Record`` or a ``ShardSource``); ``check(data)`` raises ``ConfigError``
+    naming a bad option of this source, at config time, before any work."""
+
+    build: Callable[[DataConfig, str], Any]
+    check: Callable[[DataConfig], None] | None = None
+    encoded: bool = False  # its records hold the codec's latents, not images (``encode`` output)
+    prompt_following: bool = False  # captions in the shapes grammar: metrics/shapes_checker scores samples
+
+
+SOURCES: dict[str, SourceSpec] = {}
+
+
+def register_source(name: str, spec: SourceSpec) -> None:
+    """Make ``data.source=name`` build with ``spec`` (a later registration of a name replaces it)."""
+    SOURCES[name] = spec
+
+
+def source_spec(name: str) -> SourceSpec:
+    if name not in SOURCES:
+        close = difflib.get_close_matches(name, list(SOURCES), n=1)
+        raise ConfigError(f"data.source={name!r} is not one of {tuple(SOURCES)}"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
+    return SOURCES[name]
+
+
+def _shapes(d: DataConfig, split: str):
+    """The generated shapes: disjoint seed ranges per split (data/shapes.py)."""
+    from .shapes import ShapesDataset
+
+    size = d.shapes_train_size if split == "train" else d.shapes_val_size
+    return ShapesDataset(split=split, size=size, resolution=d.resolution, max_shapes=d.shapes_max_shapes,
+                         textured=d.shapes_textured)
+
+
+def _check_shapes(d: DataConfig) -> None:
+    for key, value in (("data.shapes_train_size", d.shapes_train_size), ("data.shapes_val_size", d.shapes_val_size)):
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if not 1 <= d.shapes_max_shapes <= 4:
+        raise ConfigError(f"data.shapes_max_shapes={d.shapes_max_shapes} must lie in 1..4")
+
+
+def _map_style(d: DataConfig, split: str):
+    """A real map-style source: ``data.val_path`` for "val", else its last ``data.val_fraction`` of records
+    held out from training."""
+    from .records import HeldOut
+
+    def source(path):
+        return build_source(d.source, path, captions=d.captions, image_column=d.image_column,
+                            text_column=d.text_column, resolution=d.resolution)
+
+    if split != "train" and d.val_path:
+        return source(d.val_path)
+    records = source(d.path)
+    if d.val_path or d.val_fraction <= 0:
+        return records
+    n_val = max(1, int(len(records) * d.val_fraction))
+    if n_val >= len(records):
+        raise ValueError(f"data.val_fraction={d.val_fraction} leaves no training records in {d.path}")
+    cut = len(records) - n_val
+    return HeldOut(records, range(cut) if split == "train" else range(cut, len(records)), split)
+
+
+def _shards(d: DataConfig, split: str):
+    """Streamed shards (data/streaming.py), split by shard."""
+    from .streaming import shard_records
+
+    return shard_records(d, split)
+
+
+register_source("shapes", SourceSpec(_shapes, _check_shapes, prompt_following=True))
+register_source("imagefolder", SourceSpec(_map_style))
+register_source("coco", SourceSpec(_map_style))
+register_source("webdataset", SourceSpec(_shards))
+register_source("hf", SourceSpec(_map_style))
+register_source("latents", SourceSpec(_shards, encoded=True))

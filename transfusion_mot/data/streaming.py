@@ -337,7 +337,7 @@ class StreamExamples(torch.utils.data.IterableDataset):
 
     def __init__(self, source: ShardSource, tokenizer, cfg, rank: int = 0, world: int = 1,
                  state: dict | None = None, seed: int | None = None):
-        from .pipeline import ExampleSource
+        from .batches import ExampleSource
 
         self.source, self.rank, self.world = source, rank, world
         self.examples = ExampleSource(source, tokenizer, cfg, rank, world, seed)
@@ -407,7 +407,7 @@ class ShardBatchStream:
 
     def __init__(self, examples: StreamExamples, encode, cfg, specials, start: int = 0, report=print,
                  gather=None):
-        from .pipeline import examples_per_batch
+        from .batches import examples_per_batch
 
         self.examples, self.encode, self.cfg, self.specials = examples, encode, cfg, specials
         self.report, self.gather = report, gather
@@ -441,7 +441,7 @@ class ShardBatchStream:
         return item
 
     def __next__(self):
-        from .pipeline import collate_batch
+        from .batches import collate_batch
 
         while True:
             prepared = [item.prepared for item in (self._take() for _ in range(self.per_batch))

@@ -183,7 +183,7 @@ def measure(tokenizer: ImageTokenizer, batches: list[torch.Tensor]) -> dict[str,
 # --------------------------------------------------------------------------------------------------
 def vq_key(cfg, records) -> str:
     """Cache key of the small VQModel trained for this data: what it was trained on and how."""
-    from .pipeline import _records_name
+    from .records import _records_name
 
     c = cfg.codec
     spec = json.dumps([_records_name(records), cfg.data.resolution, c.vq_steps, c.vq_codebook_size,
@@ -194,7 +194,8 @@ def vq_key(cfg, records) -> str:
 def train_tokenizer_for(cfg, out: Path | None = None, records=None) -> Path:
     """Train (or reuse from ``<codec.cache_dir>/vq/<vq_key>``) the small VQModel for ``cfg.data`` (its
     training ``records`` when the caller has them); bad records are skipped as for the VAE. Returns its folder."""
-    from .pipeline import _cache_root, _records_name, _vae_images, build_records
+    from .records import _records_name, build_records
+    from .run_codec import _cache_root, _vae_images
 
     records = build_records(cfg.data, "train") if records is None else records
     c = cfg.codec
@@ -253,7 +254,7 @@ def run_tokenizer(cfg, run_dir: Path, accelerator=None, records=None) -> ImageTo
 def check_run_tokenizer(local: Path, cfg, records) -> None:
     """``run_dir/vq`` is reused only if trained on this data with this config's knobs (``vq_key``'s fields)."""
     from .codec import CODEC_JSON
-    from .pipeline import _records_name
+    from .records import _records_name
 
     have = json.loads((local / CODEC_JSON).read_text())
     c = cfg.codec
