@@ -199,7 +199,7 @@ def _train(cfg: Config, engine: Engine, run_dir: Path, stop: "StopSignals", eval
     # --- build, resume ---
     run = build_run(cfg, engine, run_dir)
     model, opt, sched, ema, state = run.model, run.opt, run.sched, run.ema, run.ckpt.snap.state
-    log, stream, evaluator = run.log, run.stream, run.evaluator
+    stream = run.stream
 
     # --- loop ---
     bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not engine.is_main_process,
@@ -230,29 +230,11 @@ def _train(cfg: Config, engine: Engine, run_dir: Path, stop: "StopSignals", eval
         bar.update(1)
 
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-            dt = time.time() - t_last
-            record = {"step": state.step, **losses, "lr": sched.get_last_lr()[0],
-                      "grad_norm": grad_norm, "tokens_per_s": tokens / max(dt, 1e-9),
-                      "examples": state.examples_seen, "skipped_steps": state.skipped_steps,
-                      "nonfinite_grads": state.nonfinite_grads, "skipped_records": stream.skips.total}
-            log.write(record)
-            engine.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
-            if engine.text_log is not None:
-                with open(engine.text_log, "a") as f:
-                    print(log_line(record), file=f)
+            log_step(run, engine, state, losses, grad_norm, tokens / max(time.time() - t_last, 1e-9))
             bar.set_postfix(lm=f"{losses['loss_lm']:.3f}", flow=f"{losses['loss_flow']:.4f}")
             t_last, tokens = time.time(), 0
-        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.steps:
-            val = evaluator.validation(run.eval_model(model, ema))  # per-t flow losses included
-            log.write({"step": state.step, **val})
-            engine.log(val, step=state.step)
-        if cfg.train.sample_every and state.step % cfg.train.sample_every == 0 and state.step < cfg.train.steps:
-            quick = evaluator.sample_grid(run.eval_model(model, ema), tag=f"step{state.step:06d}", quick=True)
-            if "prompt_following" in quick:
-                log.write({"step": state.step, "prompt_following": quick["prompt_following"]})
-                engine.log({"prompt_following": quick["prompt_following"]}, step=state.step)
-            if engine.is_main_process:
-                log_image(engine.trackers, "samples", run_dir / f"samples_step{state.step:06d}.png", state.step)
+        if state.step < cfg.train.steps:
+            periodic_eval(run, cfg, engine, state.step, run_dir)
         signalled = stop.agreed(engine)
         pause = signalled or (cfg.train.stop_after and state.step >= cfg.train.stop_after)
         if pause or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
@@ -272,7 +254,41 @@ def _train(cfg: Config, engine: Engine, run_dir: Path, stop: "StopSignals", eval
     if run.ckpt.last_saved != state.step:  # not when resumed at the final step
         state.data = stream.state_dict()
         run.ckpt.save()
-    final = run.eval_model(model, ema)  # gathered under FSDP2: every rank takes part
+    finish(run, cfg, engine, run_dir, state.step, evaluate_at_end)
+    return run_dir
+
+
+def log_step(run: Run, engine: Engine, state: TrainState, losses: dict, grad_norm: float, tokens_per_s: float) -> None:
+    """One logged step: metrics.jsonl, the trackers and the run's text log."""
+    record = {"step": state.step, **losses, "lr": run.sched.get_last_lr()[0], "grad_norm": grad_norm,
+              "tokens_per_s": tokens_per_s, "examples": state.examples_seen, "skipped_steps": state.skipped_steps,
+              "nonfinite_grads": state.nonfinite_grads, "skipped_records": run.stream.skips.total}
+    run.log.write(record)
+    engine.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+    if engine.text_log is not None:
+        with open(engine.text_log, "a") as f:
+            print(log_line(record), file=f)
+
+
+def periodic_eval(run: Run, cfg: Config, engine: Engine, step: int, run_dir: Path) -> None:
+    """In-run validation every ``train.eval_every`` steps and a quick sample grid every ``train.sample_every``."""
+    if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+        val = run.evaluator.validation(run.eval_model(run.model, run.ema))  # per-t flow losses included
+        run.log.write({"step": step, **val})
+        engine.log(val, step=step)
+    if cfg.train.sample_every and step % cfg.train.sample_every == 0:
+        quick = run.evaluator.sample_grid(run.eval_model(run.model, run.ema), tag=f"step{step:06d}", quick=True)
+        if "prompt_following" in quick:
+            run.log.write({"step": step, "prompt_following": quick["prompt_following"]})
+            engine.log({"prompt_following": quick["prompt_following"]}, step=step)
+        if engine.is_main_process:
+            log_image(engine.trackers, "samples", run_dir / f"samples_step{step:06d}.png", step)
+
+
+def finish(run: Run, cfg: Config, engine: Engine, run_dir: Path, step: int, evaluate_at_end: bool) -> None:
+    """Export the self-contained model folder, plot, and (unless told not to) the final evaluation."""
+    final = run.eval_model(run.model, run.ema)  # gathered under FSDP2: every rank takes part
+    evaluator, log = run.evaluator, run.log
     if engine.is_main_process:  # the self-contained model folder (hub.py): weights, config, tokenizer, codec, card
         export_model(final, cfg, run_dir / "model", parts=lambda folder: add_parts(
             folder, cfg, evaluator.tokenizer, evaluator.codec, run_dir=run_dir))
@@ -281,12 +297,11 @@ def _train(cfg: Config, engine: Engine, run_dir: Path, stop: "StopSignals", eval
         summary = evaluator.final(final, log)
         if engine.is_main_process:
             add_results(run_dir / "model", cfg, run_dir)  # the card gets the metrics and the sample grid
-            log_image(engine.trackers, "samples", run_dir / "samples_final.png", state.step)
+            log_image(engine.trackers, "samples", run_dir / "samples_final.png", step)
             plot_losses(log.read(), run_dir / "loss_curves.png", title=f"{cfg.name} ({cfg.model.arch})")
             engine.print(summary)
     engine.wait_for_everyone()
     engine.end_training()
-    return run_dir
 
 
 def skip_step(state: TrainState, loss: float, engine: Engine, cfg: Config, run_dir: Path) -> None:
