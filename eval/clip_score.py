@@ -11,8 +11,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import (add_generation_args, generate_missing, load_pipeline, md_table, process_state, read_prompts,
-                    run_sampling_defaults, write_results)
+from common import add_generation_args, generate_for_metric, md_table, read_prompts, write_results
 from PIL import Image as PILImage
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -32,12 +31,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {e}")
     prompts = read_prompts(args.prompts, args.n)
     out = Path(args.out)
-    state = process_state()
-    pipe = load_pipeline(args, state)
-    run_sampling_defaults(args, pipe)
-    paths = generate_missing(pipe, prompts, out / "images", args.steps, args.cfg, args.seed,
-                             args.batch_size, state)
-    if not state.is_main_process:
+    paths, _ = generate_for_metric(args, prompts, out)
+    if paths is None:  # under accelerate launch: the first process scores every image
         return
     images = torch.stack([pil_to_tensor(PILImage.open(p).convert("RGB")) for p in paths])
     value = clip_score(images, prompts, args.clip)

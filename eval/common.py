@@ -147,6 +147,17 @@ def load_pipeline(args, state=None):
     return from_pretrained(args.ckpt, device=device, dtype=args.dtype)
 
 
+def generate_for_metric(args, prompts: list[str], out: Path) -> tuple[list[Path] | None, object]:
+    """The images a prompt-conditioned metric scores: the run loaded on this process's device, ``--steps /
+    --cfg / --seed`` defaulted from the run, this process's share generated into ``out/images`` (resumable).
+    Returns (every image's path, or None on processes other than the first, which only generate; the state)."""
+    state = process_state()
+    pipe = load_pipeline(args, state)
+    run_sampling_defaults(args, pipe)
+    paths = generate_missing(pipe, prompts, out / "images", args.steps, args.cfg, args.seed, args.batch_size, state)
+    return (paths if state.is_main_process else None), state
+
+
 def generate_missing(pipe, prompts: list[str], out_dir: Path, steps: int, cfg_scale: float, seed: int = 0,
                      batch_size: int = 16, state=None) -> list[Path]:
     """``out_dir/{i:06d}.png`` for every prompt; chunks whose images all exist are skipped, so a killed

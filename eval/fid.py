@@ -16,8 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import (add_generation_args, generate_missing, load_pipeline, md_table, process_state, read_prompts,
-                    run_sampling_defaults, write_results)
+from common import add_generation_args, generate_for_metric, md_table, read_prompts, write_results
 
 from transfusion_mot.metrics import MissingWeights
 
@@ -46,11 +45,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: no images in --ref-dir {args.ref_dir}")
     prompts = read_prompts(args.prompts, args.n)
     out = Path(args.out)
-    state = process_state()
-    pipe = load_pipeline(args, state)
-    run_sampling_defaults(args, pipe)
-    paths = generate_missing(pipe, prompts, out / "images", args.steps, args.cfg, args.seed, args.batch_size, state)
-    if not state.is_main_process:
+    paths, _ = generate_for_metric(args, prompts, out)
+    if paths is None:  # under accelerate launch: the first process scores every image
         return
     if args.features:
         score = compute_fd(paths, args.ref_dir, extractor)

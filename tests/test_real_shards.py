@@ -41,13 +41,14 @@ def write_shards(assets: Path, out: Path) -> Path:
 KILL_AFTER_SAVE = textwrap.dedent("""
     import os, signal, sys
     from transfusion_mot import train
-    original = train.save_checkpoint
-    def save_then_die(accelerator, run_dir, step, *args, **kwargs):
-        out = original(accelerator, run_dir, step, *args, **kwargs)
-        if step == 4:
+    from transfusion_mot.components import resume
+    original = resume.save_checkpoint
+    def save_then_die(engine, run_dir, snap, *args, **kwargs):
+        out = original(engine, run_dir, snap, *args, **kwargs)
+        if snap.state.step == 4:
             os.kill(os.getpid(), signal.SIGKILL)  # no clean-up of any kind: as a crashed node
         return out
-    train.save_checkpoint = save_then_die
+    resume.save_checkpoint = save_then_die
     train.main(sys.argv[1:])
 """)
 

@@ -35,10 +35,28 @@ def codec_geometry(codec: CodecConfig) -> tuple[int, int] | None:
                           f"{e}") from None
 
 
+def run_geometry(cfg: Config) -> tuple[tuple[int, int] | None, str]:
+    """(latent channels, downsampling factor) of the latents this run trains on, and words naming their
+    maker: an encoded source's ``encode.json`` (its codec made the latents, whatever ``codec.*`` says at its
+    defaults), else the configured codec (``codec_geometry``)."""
+    from .data.sources import SOURCES
+
+    spec = SOURCES.get(cfg.data.source)
+    if spec is not None and spec.encoded and cfg.data.path:
+        meta = Path(cfg.data.path).expanduser() / "encode.json"
+        try:
+            channels, h, _ = json.loads(meta.read_text())["latent_shape"]
+            resolution = json.loads(meta.read_text())["resolution"]
+            return (int(channels), int(resolution) // int(h)), f"the latents in {meta}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, f"the latents in {meta}"  # a missing / bad encode.json is named when the data is read
+    return codec_geometry(cfg.codec), _codec_words(cfg.codec)
+
+
 def derive_latent_shape(cfg: Config, fallback: dict | None = None) -> Config:
     """Fill ``model.latent_channels`` / ``model.latent_size`` left at 0 from the codec and
     ``data.resolution``, else from ``fallback`` (a named size's). ``validate`` checks set values."""
-    m, geometry = cfg.model, codec_geometry(cfg.codec)
+    m, (geometry, _) = cfg.model, run_geometry(cfg)
     if geometry is not None:
         channels, factor = geometry
         m.latent_channels = m.latent_channels or channels
@@ -187,21 +205,21 @@ def _check_latent_shape(cfg: Config) -> None:
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 1 (or 0: from the codec)")
         if value == 0:
-            geometry = codec_geometry(cfg.codec)
+            geometry, words = run_geometry(cfg)
             if geometry is not None and cfg.data.resolution % geometry[1]:
                 _check_codec_geometry(cfg)  # the resolution is what is wrong: say so
             raise ConfigError(f"{key}=0 (from the codec) but the config does not tell the codec's latent shape "
-                              f"({_codec_words(cfg.codec)}: not a local folder with a config.json); set "
+                              f"({words}: not a local folder with a config.json); set "
                               f"model.latent_channels and model.latent_size")
 
 
 def _check_codec_geometry(cfg: Config) -> None:
     """Set latent values must be what the codec gives at data.resolution (checked again once it is loaded)."""
-    geometry = codec_geometry(cfg.codec)
+    geometry, codec = run_geometry(cfg)
     if geometry is None:
         return
     channels, factor = geometry
-    m, res, codec = cfg.model, cfg.data.resolution, _codec_words(cfg.codec)
+    m, res = cfg.model, cfg.data.resolution
     if res % factor:
         raise ConfigError(f"data.resolution={res} is not divisible by the codec's downsampling factor {factor} "
                           f"({codec}); use a multiple of {factor}")

@@ -10,6 +10,7 @@ resume.py, checkpoint.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import math
 import signal
@@ -285,13 +286,24 @@ def periodic_eval(run: Run, cfg: Config, engine: Engine, step: int, run_dir: Pat
             log_image(engine.trackers, "samples", run_dir / f"samples_step{step:06d}.png", step)
 
 
+def exported_config(cfg: Config) -> Config:
+    """The config a model folder carries: trained on encoded shards, its codec is the one that made them."""
+    from .data.encode import latents_codec_config
+    from .data.sources import SOURCES
+
+    if not SOURCES[cfg.data.source].encoded:
+        return cfg
+    return dataclasses.replace(cfg, codec=latents_codec_config(cfg))
+
+
 def finish(run: Run, cfg: Config, engine: Engine, run_dir: Path, step: int, evaluate_at_end: bool) -> None:
     """Export the self-contained model folder, plot, and (unless told not to) the final evaluation."""
     final = run.eval_model(run.model, run.ema)  # gathered under FSDP2: every rank takes part
     evaluator, log = run.evaluator, run.log
     if engine.is_main_process:  # the self-contained model folder (hub.py): weights, config, tokenizer, codec, card
-        export_model(final, cfg, run_dir / "model", parts=lambda folder: add_parts(
-            folder, cfg, evaluator.tokenizer, evaluator.codec, run_dir=run_dir))
+        out = exported_config(cfg)
+        export_model(final, out, run_dir / "model", parts=lambda folder: add_parts(
+            folder, out, evaluator.tokenizer, evaluator.codec, run_dir=run_dir))
         plot_losses(log.read(), run_dir / "loss_curves.png", title=f"{cfg.name} ({cfg.model.arch})")
     if evaluate_at_end:
         summary = evaluator.final(final, log)

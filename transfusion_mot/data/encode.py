@@ -56,6 +56,14 @@ def check_meta(meta: dict, cfg: Config, folder: str) -> None:
                              f"{key} {meta[key]!r}; set data.{key}={meta[key]!r} or encode again")
 
 
+def latents_codec_config(cfg: Config, meta: dict | None = None):
+    """The codec config of encoded shards: ``codec.*`` when the user set it, else the one encode.json names
+    (what an exported model folder must carry to decode its samples)."""
+    meta = read_meta(cfg.data.path) if meta is None else meta
+    user_set = not (cfg.codec.kind == "trained" and not cfg.codec.path)
+    return cfg.codec if user_set else dataclasses.replace(cfg.codec, **meta["codec"]["config"])
+
+
 def codec_for_latents(cfg: Config):
     """(codec, its config): the codec that decodes encoded shards, the one encode.json names unless ``codec.*``
     is set, in which case it must be that same codec (same weights and normalisation)."""
@@ -64,8 +72,7 @@ def codec_for_latents(cfg: Config):
 
     meta = read_meta(cfg.data.path)
     check_meta(meta, cfg, cfg.data.path)
-    user_set = not (cfg.codec.kind == "trained" and not cfg.codec.path)
-    codec_cfg = cfg.codec if user_set else dataclasses.replace(cfg.codec, **meta["codec"]["config"])
+    codec_cfg = latents_codec_config(cfg, meta)
     codec = load_codec(codec_cfg)
     if codec.name != meta["codec"]["name"]:
         raise ValueError(f"codec {codec.name!r} (codec.kind={codec_cfg.kind}, codec.path={codec_cfg.path!r}) is not "
