@@ -45,9 +45,9 @@ def run_geometry(cfg: Config) -> tuple[tuple[int, int] | None, str]:
     if spec is not None and spec.encoded and cfg.data.path:
         meta = Path(cfg.data.path).expanduser() / "encode.json"
         try:
-            channels, h, _ = json.loads(meta.read_text())["latent_shape"]
-            resolution = json.loads(meta.read_text())["resolution"]
-            return (int(channels), int(resolution) // int(h)), f"the latents in {meta}"
+            encoded = json.loads(meta.read_text())
+            channels, h, _ = encoded["latent_shape"]
+            return (int(channels), int(encoded["resolution"]) // int(h)), f"the latents in {meta}"
         except (OSError, ValueError, KeyError, TypeError):
             return None, f"the latents in {meta}"  # a missing / bad encode.json is named when the data is read
     return codec_geometry(cfg.codec), _codec_words(cfg.codec)
@@ -166,6 +166,12 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _at_least(least: int, values: dict) -> None:
+    for key, value in values.items():
+        if value < least:
+            raise ConfigError(f"{key}={value} must be >= {least}")
+
+
 def _check_counters(cfg: Config) -> None:
     """Counts, sizes and periods: each one line, before any work (a log_every of 0 used to divide by zero)."""
     m, d, c, t, s, e = cfg.model, cfg.data, cfg.codec, cfg.train, cfg.sample, cfg.eval
@@ -179,16 +185,12 @@ def _check_counters(cfg: Config) -> None:
                     "sample.n_per_prompt": s.n_per_prompt, "sample.max_new_tokens": s.max_new_tokens,
                     "eval.n_prompts": e.n_prompts, "eval.batch_size": e.batch_size,
                     "eval.val_examples": e.val_examples, "eval.val_t_grid": e.val_t_grid}
-    for key, value in at_least_one.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be >= 1")
+    _at_least(1, at_least_one)
     zero_is_off = {"train.eval_every": t.eval_every, "train.sample_every": t.sample_every,
                    "train.save_every": t.save_every, "train.keep_checkpoints": t.keep_checkpoints,
                    "train.stop_after": t.stop_after, "data.num_workers": d.num_workers,
                    "eval.sample_steps": e.sample_steps, "model.ffn_dim": m.ffn_dim}
-    for key, value in zero_is_off.items():
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be >= 0")
+    _at_least(0, zero_is_off)
     if not c.vae_channels or min(c.vae_channels) < 1:
         raise ConfigError(f"codec.vae_channels={list(c.vae_channels)} must list one or more widths >= 1")
 
