@@ -17,6 +17,7 @@ from conftest import REPO, debug_overrides
 from safetensors.torch import load_file
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
+STEPS, LAST_MIDDLE = 24, 14  # save every 2 and evaluate every 3 steps
 
 # The run, with a marker printed when each phase starts; save, eval and export are stretched a little
 # (sleeps inside them) so that a kill a random fraction of a second after the marker lands inside them.
@@ -39,6 +40,11 @@ SOAK = textwrap.dedent("""
     evaluate.Evaluator.validation = marked("EVAL", evaluate.Evaluator.validation, 0.1)
     train.export_model = marked("EXPORT", train.export_model, 0.1)
     train.train_step = marked("STEP", train.train_step)
+    log_step = train.log_step
+    def logged(run, engine, state, *args):
+        log_step(run, engine, state, *args)
+        print("AT", state.step, flush=True)
+    train.log_step = logged
     train.main(sys.argv[1:])
 """)
 
@@ -49,17 +55,21 @@ def _env():
 
 def _args(run: Path) -> list[str]:
     return ["--config", DEBUG, "--no-eval",
-            *debug_overrides(run, "train.steps=12", "train.log_every=1", "train.save_every=2", "train.eval_every=3",
+            *debug_overrides(run, f"train.steps={STEPS}", "train.log_every=1", "train.save_every=2", "train.eval_every=3",
                              "train.keep_checkpoints=2", "train.ema_decay=0.9")]
 
 
 def _plan(rng: random.Random) -> list[tuple[str, int, float]]:
-    """(marker, its n-th appearance in that launch, seconds after it) for each kill, in run order."""
-    middle = [("SAVE", rng.randint(1, 2), rng.uniform(0, 0.35)) for _ in range(4)]
-    middle += [("EVAL", 1, rng.uniform(0, 0.3)) for _ in range(3)]
-    middle += [("STEP", rng.randint(1, 4), rng.uniform(0, 0.5)) for _ in range(2)]
-    rng.shuffle(middle)
-    return middle + [("EXPORT", 1, rng.uniform(0, 0.25)) for _ in range(3)]
+    """(marker, the step it must come after, seconds after it) for each kill, in run order.
+
+    A kill lands on the first marker that follows a logged step >= its step, so it never depends on how far
+    the previous launches got; the middle kills all come after steps <= LAST_MIDDLE, and a kill there leaves
+    a checkpoint a few steps later at most, well short of STEPS, so no launch finishes the run early."""
+    kinds = [("SAVE", 0.35)] * 4 + [("EVAL", 0.3)] * 3 + [("STEP", 0.5)] * 2
+    rng.shuffle(kinds)
+    after = sorted(rng.randint(1, LAST_MIDDLE) for _ in kinds)
+    middle = [(marker, step, rng.uniform(0, pause)) for (marker, pause), step in zip(kinds, after)]
+    return middle + [("EXPORT", 0, rng.uniform(0, 0.25)) for _ in range(3)]
 
 
 def _launch(run: Path, resume: bool) -> subprocess.Popen:
@@ -79,17 +89,18 @@ def test_sigkill_soak_resumes_bit_exactly(tmp_path, debug_vae):
     subprocess.run([sys.executable, "-c", SOAK, *_args(reference)], env=_env(), cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     run, kills = tmp_path / "run", []
-    for marker, nth, delay in _plan(random.Random(0)):
-        proc, seen, killed = _launch(run, resume=bool(kills)), 0, False
+    for marker, after, delay in _plan(random.Random(0)):
+        proc, step, killed = _launch(run, resume=bool(kills)), -1, False
         for line in proc.stdout:
-            seen += line.strip() == marker
-            if seen == nth:
+            if line.startswith("AT "):
+                step = int(line.split()[1])
+            if line.strip() == marker and (step >= after or marker == "EXPORT"):
                 time.sleep(delay)
                 proc.kill()
                 killed = True
                 break
         proc.wait(timeout=600)
-        assert killed, f"the run ended before its planned kill ({marker} #{nth})"
+        assert killed, f"the run ended before its planned kill ({marker} after step {after})"
         kills.append(marker)
     final = _launch(run, resume=True)
     final.communicate(timeout=600)
