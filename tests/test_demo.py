@@ -40,10 +40,10 @@ def test_a_bad_field_is_named(body, field):
         parse_generate(body, DEFAULTS)
 
 
-def _cli(*args: str, **kw) -> subprocess.Popen:
+def _cli(*args: str, stderr=subprocess.PIPE) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "transfusion_mot.cli", "demo", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 def test_a_bad_ckpt_is_one_line_before_any_server(tmp_path):
@@ -56,16 +56,17 @@ def test_a_bad_ckpt_is_one_line_before_any_server(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def demo_url(debug_run):
+def demo_url(debug_run, tmp_path_factory):
     """The demo of the session's debug run on a free port (--port 0); its printed URL."""
-    proc = _cli("--ckpt", str(debug_run), "--port", "0", "--device", "cpu")
+    log = tmp_path_factory.mktemp("demo") / "stderr.txt"  # a file, not a pipe nobody drains while it serves
+    proc = _cli("--ckpt", str(debug_run), "--port", "0", "--device", "cpu", stderr=log.open("w"))
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
         line = lines.get(timeout=START_TIMEOUT_S)
     except queue.Empty:
         proc.kill()
-        pytest.fail(f"the demo printed no URL within {START_TIMEOUT_S} s: {proc.stderr.read()}")
+        pytest.fail(f"the demo printed no URL within {START_TIMEOUT_S} s: {log.read_text()[-3000:]}")
     assert line.startswith("demo of ") and "http://127.0.0.1:" in line, line
     url = line.split(": ", 1)[1].split()[0]
     yield url
