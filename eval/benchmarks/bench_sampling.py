@@ -3,14 +3,17 @@ and without the cached prompt and with and without CFG, for a 64-token prompt an
 images. The reference for the cache is a forward pass over the image tokens alone (the least any
 step can cost): goal (issue 7) cached step <= 1.2x that.
 
-    python eval/bench_sampling.py [--steps 250] [--images 4] [--reps 3]
+    python eval/benchmarks/bench_sampling.py [--steps 250] [--images 4] [--reps 3]
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py, shared by every eval script
 from common import md_table, median_time, write_results
 
 from transfusion_mot.config import SampleConfig, load_config
