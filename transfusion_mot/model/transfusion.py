@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from ..data.packing import IMAGE, TEXT, Batch
-from .layers import TimestepEmbedding, patchify, unpatchify
+from .inputs import IMAGE, TEXT, ModelInput
+from .layers import TimestepEmbedding, patch_counts
 from .masks import flex_block_mask, mask_from_batch
 from .mot import Backbone, BackboneConfig, KVCache
 
@@ -20,7 +20,7 @@ from .mot import Backbone, BackboneConfig, KVCache
 class Outputs:
     logits: torch.Tensor  # (N_text, V) at the flattened non-padding text positions `text_index`
     text_index: torch.Tensor  # (N_text,) indices into the flattened (B*T) sequence
-    velocity: torch.Tensor  # (N_img, C, h, w) predicted noise - x0
+    velocity: torch.Tensor  # (P, C*p*p) predicted noise - x0 per patch, laid out as Batch.patches
     hidden: torch.Tensor  # (B, T, D) final hidden states (after the per-modality norm)
     aux_loss: torch.Tensor  # () MoE auxiliary loss (0 unless MoE in training: mot.MoEFeedForward)
 
@@ -62,44 +62,41 @@ class Transfusion(nn.Module):
         nn.init.zeros_(self.patch_out.weight)  # start by predicting zero velocity (DiT's final layer)
 
     # -- the three stages of forward, public so that sampling can run them with a KV cache --
-    def embed(self, batch: Batch) -> torch.Tensor:
+    def embed(self, batch: ModelInput) -> torch.Tensor:
         """(B, T, D): token embeddings, with patch + timestep embeddings written at image positions."""
         x = self.tok_emb(batch.tokens)
         if batch.n_images == 0:
             return x
-        p = self.cfg.patch_size
-        patches = self.patch_in(patchify(batch.latents.to(x.dtype), p))  # (N, n, D)
-        patches = patches + self.t_emb(batch.t)[:, None, :].to(x.dtype)
-        b, t, d = x.shape
+        n_patches = batch.patches.shape[0]
         img_idx = (batch.modality == IMAGE).reshape(-1).nonzero().squeeze(1)
-        if img_idx.numel() != patches.shape[0] * patches.shape[1]:
-            raise ValueError(f"batch has {img_idx.numel()} image positions but its latents give "
-                             f"{patches.shape[0]} x {patches.shape[1]} patches")
-        return x.reshape(b * t, d).index_copy(0, img_idx, patches.reshape(-1, d)).reshape(b, t, d)
+        if img_idx.numel() != n_patches:
+            raise ValueError(f"batch has {img_idx.numel()} image positions but {n_patches} latent patches")
+        counts = patch_counts(batch.image_shape, self.cfg.patch_size)  # (N,) each image's own size
+        t_emb = self.t_emb(batch.t).to(x.dtype).repeat_interleave(counts, dim=0, output_size=n_patches)  # (P, D)
+        patches = self.patch_in(batch.patches.to(x.dtype)) + t_emb  # (P, D)
+        b, t, d = x.shape
+        return x.reshape(b * t, d).index_copy(0, img_idx, patches).reshape(b, t, d)
 
     def uses_flex(self, device: torch.device) -> bool:
         """``model.attention``: flex, or auto on CUDA (else SDPA with a boolean mask)."""
         return self.cfg.attention == "flex" or (self.cfg.attention == "auto" and torch.device(device).type == "cuda")
 
-    def attention_mask(self, batch: Batch):
+    def attention_mask(self, batch: ModelInput):
         if self.uses_flex(batch.tokens.device):
             return flex_block_mask(batch.doc_id, batch.image_id)
         return mask_from_batch(batch.doc_id, batch.image_id)
 
-    def heads(self, h: torch.Tensor, batch: Batch) -> Outputs:
+    def heads(self, h: torch.Tensor, batch: ModelInput) -> Outputs:
         b, t, d = h.shape
         flat = h.reshape(b * t, d)
         text_index = ((batch.modality == TEXT) & (batch.doc_id >= 0)).reshape(-1).nonzero().squeeze(1)
         logits = self.lm_head(flat[text_index])
-        n, c, hh, ww = batch.latents.shape
         img_idx = (batch.modality == IMAGE).reshape(-1).nonzero().squeeze(1)
-        p = self.cfg.patch_size
-        v = self.patch_out(flat[img_idx]).reshape(n, (hh // p) * (ww // p), c * p * p)
-        velocity = unpatchify(v, p, c, hh, ww)
+        velocity = self.patch_out(flat[img_idx])  # (P, C*p*p), image after image like batch.patches
         return Outputs(logits, text_index, velocity, h, self.backbone.aux_loss().to(h.device))
 
-    def forward(self, batch: Batch, mask=None, cache: KVCache | None = None) -> Outputs:
-        """``batch.latents`` are the (noised) model inputs at times ``batch.t``."""
+    def forward(self, batch: ModelInput, mask=None, cache: KVCache | None = None) -> Outputs:
+        """``batch.patches`` are the (noised) model inputs, image i at time ``batch.t[i]``."""
         x = self.embed(batch)
         mask = self.attention_mask(batch) if mask is None else mask
         h = self.backbone(x, batch.modality, batch.position, mask, cache=cache, doc_id=batch.doc_id)
