@@ -96,7 +96,8 @@ class LossParts:
 
 def _errors(model, batch: Batch, cfg: FlowConfig, seed: int, t: torch.Tensor | None,
             noise: torch.Tensor | None):
-    """One forward on the noised batch: (outputs, text targets (N_text,), squared velocity errors (P, C*p*p))."""
+    """One forward on the noised batch: (outputs, text targets (N_text,), squared velocity errors (P, C*p*p),
+    plug-in modality m -> squared velocity errors (N_m, d_m))."""
     device = batch.tokens.device
     if t is None or noise is None:
         t_drawn, noise_drawn = draw_t_and_noise(batch, cfg, seed)
@@ -105,11 +106,28 @@ def _errors(model, batch: Batch, cfg: FlowConfig, seed: int, t: torch.Tensor | N
     t, noise = t.to(device), noise.to(device)
     x0 = batch.patches  # (P, C*p*p)
     t_patch = t.repeat_interleave(batch.patch_counts(), output_size=x0.shape[0])  # (P,) each image's t
-    out = model(batch.replace(patches=add_noise(x0, noise, t_patch), t=t))
+    noised, time, value_noise = _noise_values(batch, cfg, seed)
+    out = model(batch.replace(patches=add_noise(x0, noise, t_patch), t=t, values=noised, time=time))
     targets = batch.text_targets.reshape(-1)[out.text_index]
+    value_err = {m: (out.values[m].float() - velocity_target(batch.values[m], e).float()).pow(2)
+                 for m, e in value_noise.items()}
     if batch.n_images == 0:  # keep the (empty) velocity head in the graph
-        return out, targets, out.velocity.float() * 0
-    return out, targets, (out.velocity.float() - velocity_target(x0, noise).float()).pow(2)
+        return out, targets, out.velocity.float() * 0, value_err
+    return out, targets, (out.velocity.float() - velocity_target(x0, noise).float()).pow(2), value_err
+
+
+def _noise_values(batch: Batch, cfg: FlowConfig, seed: int):
+    """Plug-in modalities: one t and one noise per span, keyed by (span seed, modality) (``rng.py``), noised
+    like images. Returns noised values, per-position times and the noise, each modality -> tensor."""
+    noised, time, noise = {}, {}, {}
+    for m, x0 in batch.values.items():
+        spans = batch.value_spans[m].tolist()  # (length, seed) per span
+        t = torch.cat([sample_t(1, cfg, rng.stream(seed, key, m, purpose="flow_t")) for _, key in spans])
+        e = torch.cat([rng.normal((n, x0.shape[1]), seed, key, m, purpose="flow_noise") for n, key in spans])
+        t_pos = t.repeat_interleave(torch.tensor([n for n, _ in spans])).to(x0.device)
+        noise[m], time[m] = e.to(x0.device, x0.dtype), t_pos
+        noised[m] = add_noise(x0, noise[m], t_pos)
+    return noised, time, noise
 
 
 def loss_parts(model, batch: Batch, cfg: FlowConfig, seed: int,
@@ -118,16 +136,17 @@ def loss_parts(model, batch: Batch, cfg: FlowConfig, seed: int,
 
     ``t`` (N,) / ``noise`` (P, C*p*p) override the per-image draws (fixed-noise evaluation, overfitting tests).
     """
-    out, targets, err = _errors(model, batch, cfg, seed, t, noise)
+    out, targets, err, value_err = _errors(model, batch, cfg, seed, t, noise)
     lm_sum = F.cross_entropy(out.logits.float(), targets, ignore_index=IGNORE, reduction="sum")
-    return LossParts(lm_sum=lm_sum, lm_count=(targets != IGNORE).sum(), flow_sum=err.sum(),
-                     flow_count=torch.tensor(batch.patches.numel(), device=batch.tokens.device), aux=out.aux_loss)
+    flow_sum = err.sum() + sum(e.sum() for e in value_err.values())  # plug-ins: one flow loss, element-weighted
+    return LossParts(lm_sum=lm_sum, lm_count=(targets != IGNORE).sum(), flow_sum=flow_sum,
+                     flow_count=torch.tensor(batch.flow_elements(), device=batch.tokens.device), aux=out.aux_loss)
 
 
 def document_losses(model, batch: Batch, cfg: FlowConfig, seed: int) -> dict[str, torch.Tensor]:
     """Per document (doc ids 0..D-1): the LM and flow loss sums and counts, each (D,), from one forward with
     the same per-image t and noise as ``loss_parts`` (where a document is packed changes nothing)."""
-    out, targets, err = _errors(model, batch, cfg, seed, None, None)
+    out, targets, err, _ = _errors(model, batch, cfg, seed, None, None)  # images only (plug-ins: not yet)
     nll = F.cross_entropy(out.logits.float(), targets, ignore_index=IGNORE, reduction="none")
     n_docs = int(batch.doc_id.max()) + 1
     text_doc = batch.doc_id.reshape(-1)[out.text_index]

@@ -7,11 +7,15 @@ Continuous images are packed flat: ``patches`` holds every image's latent patche
 sequence order (the order of the IMAGE positions in the flattened (B*T) sequence), each image in raster
 order, and ``image_shape`` each image's own latent shape, so images of different sizes and aspect
 ratios share one batch with no stack of equal shapes.
+
+Plug-in modalities (ids 2.., ``model.extra_modalities``, adapters registered by name in ``adapters.py``)
+bring their continuous vectors flat per modality in ``values`` and their per-position side input (the
+flow time) in ``time``.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -20,7 +24,7 @@ from .layers import patch_counts
 TEXT, IMAGE = 0, 1  # modality ids of the two-modality settings; the backbone itself knows only groups 0..M-1
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelInput:
     tokens: torch.Tensor  # (B, T) discrete ids; pad id at patch and padding positions
     modality: torch.Tensor  # (B, T) TEXT / IMAGE
@@ -30,13 +34,19 @@ class ModelInput:
     patches: torch.Tensor  # (P, C*p*p) latent patches of every image (noised by flow.py in training)
     image_shape: torch.Tensor  # (N, 3) long: each image's own latent shape (C, h, w)
     t: torch.Tensor  # (N,) flow time per image (0 = clean)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)  # m -> (N_m, d_m) at m's positions, in order
+    time: dict[int, torch.Tensor] = field(default_factory=dict)  # m -> (N_m,) flow time per position
 
     def to(self, device, dtype: torch.dtype | None = None):
-        """Every tensor on ``device``; ``dtype`` casts the patches (the only float input)."""
-        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)}
-        if dtype is not None:
-            moved["patches"] = moved["patches"].to(dtype)
-        return type(self)(**moved)
+        """Every tensor on ``device``; ``dtype`` casts the continuous inputs (patches, values)."""
+        def move(x, cast: bool):
+            if isinstance(x, dict):
+                return {k: move(v, cast) for k, v in x.items()}
+            x = x.to(device, non_blocking=True)
+            return x.to(dtype) if cast and dtype is not None else x
+
+        return type(self)(**{f.name: move(getattr(self, f.name), f.name in ("patches", "values"))
+                             for f in fields(self)})
 
     def replace(self, **changes):
         return replace(self, **changes)

@@ -4,12 +4,13 @@ targets and losses live in flow.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
+from .adapters import build_adapter
 from .inputs import IMAGE, TEXT, ModelInput
 from .layers import TimestepEmbedding, patch_counts
 from .masks import flex_block_mask, mask_from_batch
@@ -23,12 +24,13 @@ class Outputs:
     velocity: torch.Tensor  # (P, C*p*p) predicted noise - x0 per patch, laid out as Batch.patches
     hidden: torch.Tensor  # (B, T, D) final hidden states (after the per-modality norm)
     aux_loss: torch.Tensor  # () MoE auxiliary loss (0 unless MoE in training: mot.MoEFeedForward)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)  # plug-in m -> (N_m, d_m) velocities
 
 
 def backbone_config(cfg: ModelConfig) -> BackboneConfig:
     return BackboneConfig(
         dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim,
-        n_groups=cfg.n_modalities if cfg.arch == "mot" else 1, norm_placement=cfg.norm_placement,
+        n_groups=2 + len(cfg.extra_modalities) if cfg.arch == "mot" else 1, norm_placement=cfg.norm_placement,
         qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta,
         moe_experts=cfg.moe_experts if cfg.arch == "moe" else 0, moe_routing=cfg.moe_routing,
         moe_capacity=cfg.moe_capacity,
@@ -50,6 +52,8 @@ class Transfusion(nn.Module):
         self.backbone = Backbone(backbone_config(cfg))
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.patch_out = nn.Linear(cfg.dim, patch_dim)
+        # plug-in modalities 2, 3, ... (model.extra_modalities), built by name from adapters.MODALITIES
+        self.extra = nn.ModuleList(build_adapter(name, cfg.dim) for name in cfg.extra_modalities)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -60,11 +64,13 @@ class Transfusion(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
         nn.init.zeros_(self.patch_out.weight)  # start by predicting zero velocity (DiT's final layer)
+        for adapter in self.extra:
+            getattr(adapter, "reset_output", lambda: None)()
 
     # -- the three stages of forward, public so that sampling can run them with a KV cache --
     def embed(self, batch: ModelInput) -> torch.Tensor:
         """(B, T, D): token embeddings, with patch + timestep embeddings written at image positions."""
-        x = self.tok_emb(batch.tokens)
+        x = self._embed_extra(self.tok_emb(batch.tokens), batch)
         if batch.n_images == 0:
             return x
         n_patches = batch.patches.shape[0]
@@ -76,6 +82,16 @@ class Transfusion(nn.Module):
         patches = self.patch_in(batch.patches.to(x.dtype)) + t_emb  # (P, D)
         b, t, d = x.shape
         return x.reshape(b * t, d).index_copy(0, img_idx, patches).reshape(b, t, d)
+
+    def _embed_extra(self, x: torch.Tensor, batch: ModelInput) -> torch.Tensor:
+        """Plug-in modality m = 2 + k: adapter k embeds ``batch.values[m]`` at times ``batch.time[m]``."""
+        b, t, d = x.shape
+        for k, adapter in enumerate(self.extra):
+            idx = (batch.modality == 2 + k).reshape(-1).nonzero().squeeze(1)
+            if idx.numel():
+                emb = adapter.embed(batch.values[2 + k].to(x.dtype), batch.time[2 + k])  # (N_m, D)
+                x = x.reshape(b * t, d).index_copy(0, idx, emb.to(x.dtype)).reshape(b, t, d)
+        return x
 
     def uses_flex(self, device: torch.device) -> bool:
         """``model.attention``: flex, or auto on CUDA (else SDPA with a boolean mask)."""
@@ -93,7 +109,9 @@ class Transfusion(nn.Module):
         logits = self.lm_head(flat[text_index])
         img_idx = (batch.modality == IMAGE).reshape(-1).nonzero().squeeze(1)
         velocity = self.patch_out(flat[img_idx])  # (P, C*p*p), image after image like batch.patches
-        return Outputs(logits, text_index, velocity, h, self.backbone.aux_loss().to(h.device))
+        values = {2 + k: adapter.predict(flat[(batch.modality == 2 + k).reshape(-1)])  # (N_m, d_m)
+                  for k, adapter in enumerate(self.extra)}
+        return Outputs(logits, text_index, velocity, h, self.backbone.aux_loss().to(h.device), values)
 
     def forward(self, batch: ModelInput, mask=None, cache: KVCache | None = None) -> Outputs:
         """``batch.patches`` are the (noised) model inputs, image i at time ``batch.t[i]``."""
