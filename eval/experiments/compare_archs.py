@@ -341,6 +341,9 @@ def run_setting(setting: str, norm: str, args, steps: int, train_runs: bool = Tr
             print(f"[{NAME}] {setting}/{norm}-norm: training {arm} seed {seed} for {steps} steps -> {run_dir}",
                   flush=True)
             train_run(cfg, run_dir)
+            if not is_done(run_dir):  # train() saved and returned on SIGTERM / Ctrl-C
+                raise SystemExit(f"[{NAME}] {run_dir} was stopped before its end; run the same command again "
+                                 f"to resume it")
         elif not is_done(run_dir):
             print(f"[{NAME}] {setting}: {run_dir} is not finished; left out", flush=True)
             continue
