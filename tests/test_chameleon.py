@@ -159,6 +159,28 @@ def test_debug_chameleon_run_trains_samples_and_captions(tmp_path):
     assert codes.shape == (1, 8, 8) and tokenizer.decode(codes).shape == (1, 3, 32, 32)
     assert len(caption_image_tokens(model, codes, sp, max_new_tokens=4)[0]) > 0
 
+    # The exported folder carries its VQ tokenizer (vq/): copied alone elsewhere, with the run moved away,
+    # it generates the run's images and captions through the pipeline.
+    import shutil
+
+    from transfusion_mot.pretrained import from_pretrained
+
+    alone = tmp_path / "elsewhere" / "model"
+    shutil.copytree(out / "model", alone)
+    out.rename(tmp_path / "moved")
+    assert (alone / "vq" / "config.json").is_file() and "Chameleon-setting" in (alone / "README.md").read_text()
+    pipe = from_pretrained(alone, device="cpu")
+    images = pipe("a red circle", output_type="pt")
+    s = run_cfg.sample
+    expected = generate_image_tokens(model, pipe.encode_prompts(["a red circle"]), sp, cfg_scale=s.cfg_scale,
+                                     temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+                                     n_codes=tokenizer.codebook_size)
+    assert torch.equal(images, tokenizer.decode(expected).float().clamp(0, 1))
+    assert len(pipe(["a", "b"], num_images_per_prompt=2)) == 4
+    assert isinstance(pipe.caption(images)[0], str)
+    with pytest.raises(ValueError, match="Chameleon setting"):
+        pipe("a red circle", negative_prompt="blue")
+
 
 def test_flex_attention_samples_the_same_codes_as_sdpa():
     """``model.attention=flex`` (a BlockMask of the new queries against the cached keys) and SDPA agree."""

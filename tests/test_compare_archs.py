@@ -1,4 +1,4 @@
-"""eval/compare_archs.py: the smoke mode writes the plot, the table and the headline figures, finished
+"""eval/experiments/compare_archs.py: the smoke mode writes the plot, the table and the headline figures, finished
 runs are skipped on a re-run, and the FLOPs-to-reach interpolation reads curves the way the paper does."""
 import json
 import math
@@ -10,10 +10,10 @@ import pytest
 import yaml
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "eval"))
+sys.path.insert(0, str(REPO / "eval" / "experiments"))
 from compare_archs import arm_config, flops_to_reach, main, plan  # noqa: E402
 
-SCRIPT = REPO / "eval" / "compare_archs.py"
+SCRIPT = REPO / "eval" / "experiments" / "compare_archs.py"
 HEADLINE = ("mot_vs_dense", "moe_vs_dense", "mot_vs_dense_large", "seed_spread")
 
 

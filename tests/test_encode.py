@@ -113,10 +113,10 @@ def test_training_reads_latents_without_decoding_or_encoding(setup, monkeypatch)
     tok = prepare_tokenizer(cfg)
     stream = build_stream(records, tok, enc, cfg, Specials.of(tok), report=lambda msg: None)
     batches = [next(stream) for _ in range(3)]
-    assert all(b.latents.shape[1:] == (4, 8, 8) for b in batches)
+    assert all((b.image_shape == torch.tensor([4, 8, 8])).all() for b in batches)
     stored = {json.loads(s["json"])["key"]: torch.from_numpy(np.load(io.BytesIO(s["npy"])))
               for s in wds.WebDataset(str(out / "train" / "{000000..000002}.tar"), shardshuffle=False)}
-    assert any(torch.equal(batches[0].latents[0], lat) for lat in stored.values())  # the stored latents, as is
+    assert any(torch.equal(batches[0].latents()[0], lat) for lat in stored.values())  # the stored latents, as is
     with pytest.raises(ValueError, match="data.tokenizer='shapes-words' but the latents"):
         prepare_codec(load_config(DEBUG, ["data.source=latents", f"data.path={out}", "data.tokenizer=shapes-words"]),
                       tmp_path / "run3", records=records)

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO, debug_overrides
 
 EXTRAS = {"cleanfid": "eval", "torchmetrics": "eval", "torch_fidelity": "eval", "pycocoevalcap": "eval",
-          "datasets": "data"}
+          "datasets": "data", "fastapi": "demo", "uvicorn": "demo"}
 
 
 @pytest.fixture

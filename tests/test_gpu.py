@@ -1,5 +1,5 @@
 """The accelerated paths, tested on CPU wherever torch runs them, and on CUDA where a GPU is present
-(``eval/gpu_check.sh`` runs this file there): flex attention against SDPA (forward; training through the
+(``eval/benchmarks/gpu_check.sh`` runs this file there): flex attention against SDPA (forward; training through the
 CPU fallback, sampling with the KV cache), a compiled MoT block (fullgraph, routing as an input, one graph
 for every layer and batch), and bf16 autocast training steps. Each CUDA-only case says what needs CUDA.
 """

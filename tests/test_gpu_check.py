@@ -1,4 +1,4 @@
-"""``eval/gpu_check.sh``: its dry run on CPU exercises every step but CUDA's (the GPU tests collected, every
+"""``eval/benchmarks/gpu_check.sh``: its dry run on CPU exercises every step but CUDA's (the GPU tests collected, every
 benchmark job at tiny sizes, the merged report), and it refuses to install torch or to run without a GPU."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO
 
-SCRIPT = str(REPO / "eval" / "gpu_check.sh")
+SCRIPT = str(REPO / "eval" / "benchmarks" / "gpu_check.sh")
 
 
 def _check(*args, timeout=600) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ from transfusion_mot import from_pretrained
 from transfusion_mot.sample import sample_latents
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
-EVAL = REPO / "eval"
+EVAL = REPO / "eval" / "metrics"
 
 
 def test_device_and_dtype_defaults_and_pipe_to(debug_run):
@@ -60,7 +60,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow  # two accelerate-launched processes, ~25 s: slow (.ci/run runs it)
 def test_generation_split_across_two_processes_equals_one(debug_run, tmp_path):
-    """``accelerate launch --num_processes 2 eval/prompt_following.py``: each process its share of the
+    """``accelerate launch --num_processes 2 eval/metrics/prompt_following.py``: each process its share of the
     chunks, images written by index; the union is the one-process run's images and score."""
     args = ["--ckpt", debug_run, "--n", "5", "--steps", "2", "--batch-size", "2", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EVAL), os.environ.get("PYTHONPATH", "")]),

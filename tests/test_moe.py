@@ -39,7 +39,7 @@ def _outputs_of_first_doc(model, examples, seq_len, n_rows=None):
     batch.t = torch.full((batch.n_images,), 0.5)
     out = model(batch)
     first = (batch.doc_id == 0).reshape(-1)
-    return out.hidden.reshape(-1, out.hidden.shape[-1])[first], out.velocity[0]
+    return out.hidden.reshape(-1, out.hidden.shape[-1])[first], out.velocity[:int(batch.patch_counts()[0])]
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

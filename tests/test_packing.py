@@ -30,7 +30,7 @@ def test_rows_never_exceed_seq_len_and_documents_are_contiguous():
     for row in batch.doc_id:
         docs = row[row >= 0]
         assert torch.equal(docs, docs.sort().values)  # documents are contiguous, in order
-    total = sum(document_length(e, 16) for e in examples)
+    total = sum(document_length(e, patch_size=2) for e in examples)
     assert int((batch.doc_id >= 0).sum()) == total
 
 

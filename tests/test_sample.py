@@ -63,10 +63,11 @@ class ClosedForm(nn.Module):
         cond = real[:, 0, :, 0].sum(1) > 2
         if batch.n_images == 0:  # the prompt pass: nothing to predict
             cond = cond[:0]
-        target = torch.where(cond, self.a, self.b).view(-1, 1, 1, 1)
-        t = batch.t.view(-1, 1, 1, 1).clamp(min=1e-6)
+        counts = batch.patch_counts()  # velocities are per patch (P, C*p*p), image after image
+        target = torch.where(cond, self.a, self.b).repeat_interleave(counts).view(-1, 1)
+        t = batch.t.repeat_interleave(counts).view(-1, 1).clamp(min=1e-6)
         text_index = ((batch.modality == TEXT) & (batch.doc_id >= 0)).reshape(-1).nonzero().squeeze(1)
-        return Outputs(torch.zeros(len(text_index), 300), text_index, (batch.latents - target) / t,
+        return Outputs(torch.zeros(len(text_index), 300), text_index, (batch.patches - target) / t,
                        None, torch.zeros(()))
 
 

@@ -1,4 +1,4 @@
-"""The ``transfusion-mot`` command: main, train, generate, caption, train-vae, encode, params."""
+"""The ``transfusion-mot`` command: main, train, generate, caption, demo, train-vae, encode, params."""
 from __future__ import annotations
 
 import argparse
@@ -171,6 +171,16 @@ def cmd_caption(args: argparse.Namespace) -> None:
         print(f"{path}\t{text}")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import require_server, serve
+
+    try:
+        require_server()
+    except ImportError as e:  # fastapi / uvicorn missing: the message names the [demo] extra
+        raise SystemExit(f"error: {e}")
+    serve(args.ckpt, host=args.host, port=args.port, device=args.device, dtype=args.dtype)
+
+
 def cmd_train_vae(args: argparse.Namespace) -> None:
     from .config import load_config
     from .data.pipeline import train_codec_for
@@ -197,6 +207,15 @@ def cmd_params(args: argparse.Namespace) -> None:
 def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present, else CPU)")
     p.add_argument("--dtype", default=None, help="auto (default: bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
+
+
+def _add_demo_parser(sub) -> None:
+    s = sub.add_parser("demo", help="a web page: prompt -> images, image -> caption (the [demo] extra)")
+    s.add_argument("--ckpt", required=True, help="run directory, model folder or hub id (org/name)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=7860, help="0: any free port (the URL is printed)")
+    _add_device_args(s)
+    s.set_defaults(fn=cmd_demo)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -250,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     _add_device_args(s)
     s.add_argument("images", nargs="+")
     s.set_defaults(fn=cmd_caption)
+
+    _add_demo_parser(sub)
 
     s = sub.add_parser("train-vae", help="train the small AutoencoderKL on a data source")
     s.add_argument("--config", default=None)

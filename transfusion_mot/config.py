@@ -28,7 +28,8 @@ class ModelConfig:
     # tokens from a VQ tokenizer (codec.kind=vq), one next-token loss (model/chameleon.py)
     setting: str = "transfusion"
     arch: str = "mot"  # "mot" (per-modality weights) | "dense" | "moe" (MoE-4x feed-forward)
-    n_modalities: int = 2  # text, image (, speech ...): MoT has one weight group per modality
+    n_modalities: int = 2  # text, image (, plug-ins): MoT has one weight group per modality; = 2 + extras
+    extra_modalities: tuple = ()  # plug-in modalities by registered name (model/adapters.py), ids 2, 3, ...
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4

@@ -1,6 +1,7 @@
 """Optional dependencies by use (pyproject's extras): ``[eval]`` (FID, CLIP score, CIDEr), ``[data]`` (Hugging
-Face ``datasets`` sources); ``[dev]`` is all of them plus the test tools. Training, generation, captioning and
-the main job need only the core install; a feature whose extra is missing says which one to install."""
+Face ``datasets`` sources), ``[demo]`` (``transfusion-mot demo``: fastapi, uvicorn); ``[dev]`` is all of them
+plus the test tools. Training, generation, captioning and the main job need only the core install; a feature
+whose extra is missing says which one to install."""
 from __future__ import annotations
 
 import importlib

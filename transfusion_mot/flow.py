@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from . import rng
 from .config import FlowConfig, SampleConfig
 from .data.packing import IGNORE, Batch
+from .model.layers import patchify_each
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -39,7 +40,8 @@ def sample_t(n: int, cfg: FlowConfig, generator: torch.Generator | np.random.Gen
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = (1 - t) x0 + t noise, with t (N,) broadcast over (N, C, h, w)."""
+    """x_t = (1 - t) x0 + t noise, with t (N,) broadcast over (N, ...): (N, C, h, w) latents, or
+    (P, C*p*p) patches with t per patch (``Batch.patch_time``)."""
     t = t.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
     return (1 - t) * x0 + t * noise
 
@@ -49,17 +51,19 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def draw_t_and_noise(batch: Batch, cfg: FlowConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """t (N,) and noise (N, C, h, w). Image i's t and its noise come from two streams of their own,
+    """t (N,) and noise (P, C*p*p), laid out as ``batch.patches``: image i's noise is drawn at its own
+    latent shape (C, h, w), then patchified. Image i's t and its noise come from two streams of their own,
     keyed by ``(seed, batch.image_seed[i])`` (``rng.py``): the same data gets the same noise on any
     rank, any batch layout and after a resume, and neither depends on the data's own coins (caption
     order, dropout). Images that condition text (captioning) get t scaled into [0, cfg.caption_t_max],
     as Transfusion caps noise when an image is context for its caption."""
-    shape = batch.latents.shape[1:]
     keys = batch.image_seed.tolist()
     if not keys:
-        return torch.zeros(0), torch.zeros(0, *shape)
+        return torch.zeros(0), torch.zeros_like(batch.patches, device="cpu")
     t = torch.cat([sample_t(1, cfg, rng.stream(seed, k, purpose="flow_t")) for k in keys])
-    noise = torch.stack([rng.normal(shape, seed, k, purpose="flow_noise") for k in keys])
+    shapes = batch.image_shape.tolist()
+    noise, _ = patchify_each([rng.normal(tuple(s), seed, k, purpose="flow_noise") for s, k in zip(shapes, keys)],
+                             batch.patch_size)
     t = torch.where(batch.conditions_text.cpu(), t * cfg.caption_t_max, t)
     return t, noise
 
@@ -90,25 +94,69 @@ class LossParts:
         return float(self.flow_sum.detach() / self.flow_count.clamp(min=1))
 
 
-def loss_parts(model, batch: Batch, cfg: FlowConfig, seed: int,
-               t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> LossParts:
-    """Noise the batch's images, run the model once, and sum the LM and flow losses.
-
-    ``t`` / ``noise`` override the per-image draws (fixed-noise evaluation, overfitting tests).
-    """
+def _errors(model, batch: Batch, cfg: FlowConfig, seed: int, t: torch.Tensor | None,
+            noise: torch.Tensor | None):
+    """One forward on the noised batch: (outputs, text targets (N_text,), squared velocity errors (P, C*p*p),
+    plug-in modality m -> squared velocity errors (N_m, d_m))."""
     device = batch.tokens.device
     if t is None or noise is None:
         t_drawn, noise_drawn = draw_t_and_noise(batch, cfg, seed)
         t = t_drawn if t is None else t
         noise = noise_drawn if noise is None else noise
     t, noise = t.to(device), noise.to(device)
-    x0 = batch.latents
-    out = model(batch.replace(latents=add_noise(x0, noise, t), t=t))
+    x0 = batch.patches  # (P, C*p*p)
+    t_patch = t.repeat_interleave(batch.patch_counts(), output_size=x0.shape[0])  # (P,) each image's t
+    noised, time, value_noise = _noise_values(batch, cfg, seed)
+    out = model(batch.replace(patches=add_noise(x0, noise, t_patch), t=t, values=noised, time=time))
     targets = batch.text_targets.reshape(-1)[out.text_index]
+    value_err = {m: (out.values[m].float() - velocity_target(batch.values[m], e).float()).pow(2)
+                 for m, e in value_noise.items()}
+    if batch.n_images == 0:  # keep the (empty) velocity head in the graph
+        return out, targets, out.velocity.float() * 0, value_err
+    return out, targets, (out.velocity.float() - velocity_target(x0, noise).float()).pow(2), value_err
+
+
+def _noise_values(batch: Batch, cfg: FlowConfig, seed: int):
+    """Plug-in modalities: one t and one noise per span, keyed by (span seed, modality) (``rng.py``), noised
+    like images. Returns noised values, per-position times and the noise, each modality -> tensor."""
+    noised, time, noise = {}, {}, {}
+    for m, x0 in batch.values.items():
+        spans = batch.value_spans[m].tolist()  # (length, seed) per span
+        t = torch.cat([sample_t(1, cfg, rng.stream(seed, key, m, purpose="flow_t")) for _, key in spans])
+        e = torch.cat([rng.normal((n, x0.shape[1]), seed, key, m, purpose="flow_noise") for n, key in spans])
+        t_pos = t.repeat_interleave(torch.tensor([n for n, _ in spans])).to(x0.device)
+        noise[m], time[m] = e.to(x0.device, x0.dtype), t_pos
+        noised[m] = add_noise(x0, noise[m], t_pos)
+    return noised, time, noise
+
+
+def loss_parts(model, batch: Batch, cfg: FlowConfig, seed: int,
+               t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> LossParts:
+    """Noise the batch's images, run the model once, and sum the LM and flow losses.
+
+    ``t`` (N,) / ``noise`` (P, C*p*p) override the per-image draws (fixed-noise evaluation, overfitting tests).
+    """
+    out, targets, err, value_err = _errors(model, batch, cfg, seed, t, noise)
     lm_sum = F.cross_entropy(out.logits.float(), targets, ignore_index=IGNORE, reduction="sum")
-    flow_sum = (out.velocity.float() - velocity_target(x0, noise).float()).pow(2).sum()
+    flow_sum = err.sum() + sum(e.sum() for e in value_err.values())  # plug-ins: one flow loss, element-weighted
     return LossParts(lm_sum=lm_sum, lm_count=(targets != IGNORE).sum(), flow_sum=flow_sum,
-                     flow_count=torch.tensor(x0.numel(), device=device), aux=out.aux_loss)
+                     flow_count=torch.tensor(batch.flow_elements(), device=batch.tokens.device), aux=out.aux_loss)
+
+
+def document_losses(model, batch: Batch, cfg: FlowConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Per document (doc ids 0..D-1): the LM and flow loss sums and counts, each (D,), from one forward with
+    the same per-image t and noise as ``loss_parts`` (where a document is packed changes nothing)."""
+    out, targets, err, _ = _errors(model, batch, cfg, seed, None, None)  # images only (plug-ins: not yet)
+    nll = F.cross_entropy(out.logits.float(), targets, ignore_index=IGNORE, reduction="none")
+    n_docs = int(batch.doc_id.max()) + 1
+    text_doc = batch.doc_id.reshape(-1)[out.text_index]
+    keep = targets != IGNORE
+    zeros = torch.zeros(n_docs, dtype=torch.float32, device=err.device)
+    image_doc = batch.doc_id.reshape(-1)[(batch.image_id.reshape(-1) >= 0)]  # (P,) document of each patch
+    return {"lm_sum": zeros.index_add(0, text_doc[keep], nll[keep]),
+            "lm_count": zeros.index_add(0, text_doc[keep], torch.ones_like(nll[keep])),
+            "flow_sum": zeros.index_add(0, image_doc, err.sum(1)),
+            "flow_count": zeros.index_add(0, image_doc, torch.full_like(err[:, 0], err.shape[1]))}
 
 
 def time_grid(steps: int, shift: float = 1.0) -> list[float]:

@@ -5,7 +5,8 @@
     model.safetensors   the transformer's weights            config.json   the run's resolved config
     tokenizer/          the tokenizer's own files (none for the built-ins ``bytes`` and ``shapes-words``)
     vae/                the codec: a trained VAE's folder (AutoencoderKL + codec.json), or a diffusers
-                        AutoencoderKL saved with ``save_pretrained``;  taef2/: the two TAEF2 weight files
+                        AutoencoderKL saved with ``save_pretrained``;  taef2/: the two TAEF2 weight files;
+                        vq/: the VQModel of a Chameleon-setting model (its image tokenizer)
     README.md           the model card (config, data, steps, metrics, samples.png); results.json, samples.png
 
 Copied anywhere (or pushed to the hub and fetched by id), the folder alone generates and captions:
@@ -110,7 +111,17 @@ def save_codec(cfg: Config, folder: Path, codec=None, run_dir: Path | None = Non
             if not src or not Path(src).is_file():
                 raise FileNotFoundError(f"TAEF2 weights {src or name} not found: codec.encoder_path / decoder_path")
             shutil.copyfile(src, folder / "taef2" / name)
-    else:  # vq (discrete image tokens): loaded by its own path, as before; the folder says so in its card
+    elif c.kind == "vq":  # discrete image tokens: the run's own vq/ (trained on its data) or codec.path's VQModel
+        local = Path(run_dir) / "vq" if run_dir is not None else None
+        src = local if not c.path and local is not None else Path(c.path).expanduser() / c.subfolder if c.path else None
+        if src is not None and (src / "config.json").is_file():
+            shutil.copytree(src, folder / "vq", dirs_exist_ok=True)
+        elif codec is not None and hasattr(codec, "backend"):  # a loaded pipeline: its VQModel as it is
+            codec.backend.vq.save_pretrained(folder / "vq")
+        else:
+            raise FileNotFoundError(f"the run's VQ image tokenizer was not found ({src or 'no codec.path'}: "
+                                    f"no config.json); give the run directory that holds vq/")
+    else:
         warnings.warn(f"codec.kind={c.kind!r}: the model folder does not carry this codec; it loads from "
                       f"codec.path={c.path!r}", stacklevel=2)
 
@@ -122,6 +133,8 @@ def localize(cfg: Config, folder: Path) -> Config:
         cfg.data.tokenizer = str(folder / "tokenizer")
     if (folder / "vae").is_dir() and cfg.codec.kind in ("trained", "diffusers"):
         cfg.codec = replace(cfg.codec, path=str(folder / "vae"), subfolder="")
+    elif (folder / "vq").is_dir() and cfg.codec.kind == "vq":
+        cfg.codec = replace(cfg.codec, path=str(folder / "vq"), subfolder="")
     elif (folder / "taef2").is_dir() and cfg.codec.kind == "taef2":
         cfg.codec = replace(cfg.codec, path=str(folder / "taef2"), encoder_path="", decoder_path="")
     return cfg
@@ -129,7 +142,7 @@ def localize(cfg: Config, folder: Path) -> Config:
 
 def is_self_contained(folder: Path) -> bool:
     """Whether the folder carries its codec (older exports found it beside themselves, in ``run/vae``)."""
-    return (folder / "vae").is_dir() or (folder / "taef2").is_dir()
+    return any((folder / name).is_dir() for name in ("vae", "taef2", "vq"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,7 +173,9 @@ def write_model_card(folder: Path, cfg: Config) -> Path:
     lines = ["---", "library_name: transfusion_mot", "pipeline_tag: text-to-image",
              "tags: [transfusion, mixture-of-transformers, text-to-image, image-to-text]", "---", "",
              f"# {cfg.name}", "",
-             (f"A Transfusion model (next-token loss on text, rectified flow on {codec} latents) with a "
+             (f"A Chameleon-setting model (one next-token loss over text and VQ image codes) with a {m.arch} "
+              f"backbone, trained with `transfusion_mot`." if m.setting == "chameleon" else
+              f"A Transfusion model (next-token loss on text, rectified flow on {codec} latents) with a "
               f"{m.arch} backbone, trained with `transfusion_mot`."), "",
              "```python", "from transfusion_mot.pretrained import from_pretrained", "",
              'pipe = from_pretrained("<this folder or hub id>")', 'images = pipe("a red circle")  # PIL images',

@@ -108,6 +108,8 @@ class Pipeline:
         ``negative_prompts``: one per prompt (CFG's unconditional context); ``noise``: see ``__call__``."""
         from .sample import generate_images
 
+        if self.chameleon:
+            return self._generate_tokens(prompts, cfg_scale, seed, n, batch_size, first_index, negative_prompts, noise)
         a = self.sampling(steps=steps, cfg_scale=cfg_scale, seed=seed, n=n, scheduler=scheduler, shift=shift)
         negative = None if negative_prompts is None else self.encode_prompts(negative_prompts, allow_empty=True)
         latents = generate_images(self.model, self.encode_prompts(prompts), self.specials, steps=a["steps"],
@@ -115,6 +117,26 @@ class Pipeline:
                                   batch_size=batch_size, progress=progress, scheduler=a["scheduler"],
                                   shift=a["shift"], first_index=first_index, negative_ids=negative, noise=noise)
         return self.codec.decode(latents).float().clamp(0, 1)
+
+    @property
+    def chameleon(self) -> bool:
+        """The Chameleon setting: images are VQ codes sampled token by token (``sample_tokens.py``)."""
+        return self.cfg.model.setting == "chameleon"
+
+    def _generate_tokens(self, prompts, cfg_scale, seed, n, batch_size, first_index, negative_prompts, noise):
+        """Chameleon-setting images: codes sampled with CFG on logits (the run's sample.temperature / top_k /
+        top_p), each image from its own ``seed`` stream, decoded by the VQ model."""
+        from .sample_tokens import generate_image_tokens
+
+        if negative_prompts is not None or noise is not None:
+            raise ValueError("negative_prompt and generator are not supported in the Chameleon setting (codes are "
+                             "drawn from each image's own seed stream; guidance's unconditional context is BOS BOI)")
+        a = self.sampling(cfg_scale=cfg_scale, seed=seed, n=n, temperature=None, top_k=None, top_p=None)
+        codes = generate_image_tokens(self.model, self.encode_prompts(prompts), self.specials,
+                                      cfg_scale=a["cfg_scale"], temperature=a["temperature"], top_k=a["top_k"],
+                                      top_p=a["top_p"], seed=a["seed"], n_per_prompt=a["n"], batch_size=batch_size,
+                                      n_codes=self.codec.codebook_size, first_index=first_index)
+        return self.codec.decode(codes.to(self.device)).float().clamp(0, 1)
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
@@ -171,6 +193,9 @@ class Pipeline:
         from .data.segments import Image
         from .sample import generate_interleaved
 
+        if self.chameleon:
+            raise ValueError("interleaved generation is implemented for the Transfusion setting only; a Chameleon-"
+                             "setting model generates images (pipe(...)) and captions (pipe.caption)")
         if not isinstance(prompt, str):
             raise ValueError(f"interleave takes one prompt (a str), got {type(prompt).__name__}")
         a = self.sampling(max_new_tokens=max_new_tokens, steps=num_inference_steps, cfg_scale=guidance_scale,
@@ -227,8 +252,13 @@ class Pipeline:
         a = self.sampling(seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
         if not math.isfinite(a["temperature"]) or a["temperature"] < 0:
             raise ValueError(f"temperature={a['temperature']} must be a finite number >= 0 (0 = greedy)")
-        latents = self.codec.encode(images)
-        ids = caption_images(self.model, latents, self.specials, **a)
+        latents = self.codec.encode(images.to(self.device))
+        if self.chameleon:  # the image's VQ codes, then text
+            from .sample_tokens import caption_image_tokens
+
+            ids = caption_image_tokens(self.model, latents, self.specials, **a)
+        else:
+            ids = caption_images(self.model, latents, self.specials, **a)
         return [self.tokenizer.decode(x) for x in ids]
 
     def caption_files(self, paths: list[str], **kw) -> list[str]:
@@ -277,7 +307,11 @@ def from_pretrained(path_or_hub_id: str | Path, device: str | torch.device | Non
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{model_dir}: weights do not fit the model its config.json describes: {e}") from None
-    if is_self_contained(model_dir):
+    if is_self_contained(model_dir) and cfg.codec.kind == "vq":
+        from .data.vq import load_image_tokenizer
+
+        codec = load_image_tokenizer(cfg.codec)
+    elif is_self_contained(model_dir):
         from .data.codec import load_codec
 
         codec = load_codec(cfg.codec)

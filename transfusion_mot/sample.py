@@ -22,9 +22,11 @@ from tqdm.auto import tqdm
 
 from . import rng
 from .config import SCHEDULERS, SampleConfig
-from .data.packing import IMAGE, TEXT, Batch, Specials
+from .data.packing import IMAGE, TEXT, Specials
 from .data.segments import Image, Text
 from .flow import cfg_velocity, euler_sample, time_grid
+from .model.inputs import ModelInput
+from .model.layers import patchify_each, unpatchify
 from .model.masks import flex_block_mask, transfusion_mask
 from .model.mot import KVCache
 
@@ -62,17 +64,10 @@ class Context:
         cols = torch.arange(self.length + t_new, device=self.device).expand(self.n_rows, -1)
         return transfusion_mask(q_doc, q_img, cols[:, self.length:], k_doc, k_img, cols)
 
-    def _batch(self, tokens, modality, doc, img, latents, t) -> Batch:
+    def _batch(self, tokens, modality, doc, img, latents, t) -> ModelInput:
         steps = (doc >= 0).long().cumsum(1) - 1  # positions continue each row's document
         position = torch.where(doc >= 0, self.next_pos[:, None] + steps, torch.zeros_like(steps))
-        c, h, w = latents.shape[1:] if latents is not None else (self.model.cfg.latent_channels, 1, 1)
-        lat = latents if latents is not None else torch.zeros(0, c, h, w, device=self.device)
-        n = lat.shape[0]
-        return Batch(tokens=tokens, modality=modality, doc_id=doc, image_id=img, position=position,
-                     text_targets=torch.full_like(tokens, -100), latents=lat,
-                     t=t if t is not None else torch.zeros(n, device=self.device),
-                     conditions_text=torch.zeros(n, dtype=torch.bool, device=self.device),
-                     image_seed=torch.zeros(n, dtype=torch.long, device=self.device))
+        return _latent_batch(tokens, modality, doc, img, position, latents, t, self.model.cfg)
 
     def feed_text(self, ids: list[list[int]], pad: int):
         """Append text tokens (rows left-padded to the same length); returns the last position's logits."""
@@ -132,7 +127,25 @@ class Context:
         key = (self.length, self.n_images, n)  # every flow step of one image attends alike: one mask
         if self._image_mask[0] != key:
             self._image_mask = (key, self._mask(doc, img))
-        return self.model(batch, mask=self._image_mask[1], cache=frozen).velocity
+        return _velocity_latents(self.model(batch, mask=self._image_mask[1], cache=frozen).velocity, x, p)
+
+
+def _latent_batch(tokens, modality, doc, img, position, latents: torch.Tensor | None, t, cfg) -> ModelInput:
+    """The model's input from (N, C, h, w) latents of one size (or none) at times t (N,)."""
+    device = tokens.device
+    if latents is None:
+        latents = torch.zeros(0, cfg.latent_channels, cfg.patch_size, cfg.patch_size, device=device)
+    patches, shape = patchify_each(latents, cfg.patch_size)
+    n = latents.shape[0]
+    return ModelInput(tokens=tokens, modality=modality, doc_id=doc, image_id=img, position=position,
+                      patches=patches, image_shape=shape.to(device),
+                      t=t if t is not None else torch.zeros(n, device=device))
+
+
+def _velocity_latents(velocity: torch.Tensor, like: torch.Tensor, p: int) -> torch.Tensor:
+    """The model's flat per-patch velocities (P, C*p*p) back to latents shaped like ``like`` (N, C, h, w)."""
+    n, c, h, w = like.shape
+    return unpatchify(velocity.reshape(n, -1, velocity.shape[1]), p, c, h, w)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,10 +236,8 @@ def _uncached_velocity(model, prefixes: list[list[int]], x: torch.Tensor, t: tor
     img = torch.full_like(tokens, -1)
     img[:, width:] = torch.arange(rows)[:, None]
     dev = x.device
-    batch = Batch(tokens.to(dev), modality.to(dev), doc.to(dev), img.to(dev), position.to(dev),
-                  torch.full_like(tokens, -100).to(dev), x, t, torch.zeros(rows, dtype=torch.bool, device=dev),
-                  torch.zeros(rows, dtype=torch.long, device=dev))
-    return model(batch).velocity
+    batch = _latent_batch(tokens.to(dev), modality.to(dev), doc.to(dev), img.to(dev), position.to(dev), x, t, model.cfg)
+    return _velocity_latents(model(batch).velocity, x, p)
 
 
 @torch.no_grad()

@@ -87,7 +87,7 @@ def micro_batches(stream, n: int, device) -> list:
 def global_counts(batches: list, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
     """Text targets and latent elements of the whole step, summed over micro-batches and ranks."""
     lm = sum(int((b.text_targets != IGNORE).sum()) for b in batches)
-    fl = sum(b.latents.numel() for b in batches)
+    fl = sum(b.flow_elements() for b in batches)
     counts = torch.tensor([lm, fl], dtype=torch.float64, device=accelerator.device)
     counts = accelerator.reduce(counts, reduction="sum")
     return counts[0].float().clamp(min=1), counts[1].float().clamp(min=1)

@@ -1,7 +1,9 @@
 """Examples (lists of Text / Image segments) <-> a packed ``Batch`` of flat tensors (DESIGN §4).
 
 A document is laid out as ``BOS, seg_1, ..., seg_k, EOS`` where a text segment contributes its ids and
-an image segment ``BOI, p_1 ... p_n, EOI`` (n = patches of its latent). Documents are packed greedily
+an image segment ``BOI, p_1 ... p_n, EOI`` (n = patches of its own latent: images of different sizes and
+aspect ratios share a batch; their patches are packed flat, image after image, in sequence order, and
+each image's latent shape rides along in ``Batch.image_shape``). Documents are packed greedily
 into rows of ``seq_len``; RoPE positions restart in every document and the mask keeps documents
 apart, so where a document lands never changes its outputs (tested; MoE-4x's expert choice routes
 within each document, so it holds there too).
@@ -18,14 +20,16 @@ target in its own modality's id space; the modality of position i+1 says which h
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field
 
 import torch
 
-from .segments import Image, ImageTokens, Text
+from ..model.inputs import IMAGE, TEXT, ModelInput
+from ..model.layers import patchify_each, unpatchify_each
+from .segments import Continuous, Image, ImageTokens, Text
 
-TEXT, IMAGE = 0, 1  # modality ids; the backbone itself knows only "groups 0..M-1"
 IGNORE = -100
+SPAN_BASE = 1 << 40  # span ids of plug-in continuous segments (image ids stay below: they index the images)
 
 
 @dataclass(frozen=True)
@@ -43,44 +47,44 @@ class Specials:
                    tokenizer.vocab_size)
 
 
-@dataclass
-class Batch:
-    tokens: torch.Tensor  # (B, T) text ids; pad id at patch and padding positions
-    modality: torch.Tensor  # (B, T) TEXT / IMAGE
-    doc_id: torch.Tensor  # (B, T) document index within the batch, -1 on padding
-    image_id: torch.Tensor  # (B, T) index into `latents`, -1 off images
-    position: torch.Tensor  # (B, T) position inside the document (RoPE)
+@dataclass(kw_only=True)
+class Batch(ModelInput):
+    """The network's input (``model.inputs.ModelInput``) plus what only training reads."""
+
     text_targets: torch.Tensor  # (B, T) next text token, IGNORE where there is no LM loss
-    latents: torch.Tensor  # (N, C, h, w) clean latents (the model input once noised by flow.py)
-    t: torch.Tensor  # (N,) flow time per image (0 = clean)
     conditions_text: torch.Tensor  # (N,) bool: image precedes text in its document (captioning)
     image_seed: torch.Tensor  # (N,) seed of each image's t and noise: same data -> same noise anywhere
+    # plug-in modality m -> (S_m, 2) long: (length, seed) of each of its spans, in the order of values[m]
+    value_spans: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def to(self, device, dtype: torch.dtype | None = None) -> "Batch":
-        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)}
-        if dtype is not None:
-            moved["latents"] = moved["latents"].to(dtype)
-        return Batch(**moved)
+    def flow_elements(self) -> int:
+        """Elements under the flow loss: every latent patch element and every plug-in value."""
+        return self.patches.numel() + sum(v.numel() for v in self.values.values())
 
-    def replace(self, **changes) -> "Batch":
-        return replace(self, **changes)
-
-    @property
-    def n_images(self) -> int:
-        return self.latents.shape[0]
+    def latents(self) -> list[torch.Tensor]:
+        """The images' clean latents (C, h, w), each at its own size (inspection, tests)."""
+        return unpatchify_each(self.patches, self.image_shape.cpu(), self.patch_size) if self.n_images else []
 
 
-def document_length(example: list, n_patches: int) -> int:
-    """Tokens a document takes: BOS + EOS + text ids + (BOI + patches + EOI) per image."""
+def image_patches(image: Image, patch_size: int) -> int:
+    """Patches of one image's own latent (C, h, w)."""
+    return (image.latent.shape[-2] // patch_size) * (image.latent.shape[-1] // patch_size)
+
+
+def document_length(example: list, *, patch_size: int) -> int:
+    """Tokens a document takes: BOS + EOS + text ids + (BOI + patches + EOI) per image, each image's patch
+    count from its own latent."""
     return 2 + sum(len(s.ids) if isinstance(s, Text) else s.ids.numel() + 2 if isinstance(s, ImageTokens)
-                   else n_patches + 2 for s in example)
+                   else s.values.shape[0] + 2 if isinstance(s, Continuous)
+                   else image_patches(s, patch_size) + 2 for s in example)
 
 
-def _doc_tokens(example: list, sp: Specials, n_patches: int) -> tuple[list[int], list[int], list[int], list[bool]]:
+def _doc_tokens(example: list, sp: Specials, patch_size: int,
+                extra: tuple = ()) -> tuple[list[int], list[int], list[int], list[bool]]:
     """Token ids, modality, local image index (-1 off continuous images) and whether each position is a
     discrete token (text, markers, image codes: next-token targets) for one document."""
     toks, mods, imgs, discrete = [sp.bos], [TEXT], [-1], [True]
-    n_img = 0
+    n_img = n_span = 0
     for seg in example:
         if isinstance(seg, Text):
             toks += seg.ids
@@ -88,6 +92,7 @@ def _doc_tokens(example: list, sp: Specials, n_patches: int) -> tuple[list[int],
             imgs += [-1] * len(seg.ids)
             discrete += [True] * len(seg.ids)
         elif isinstance(seg, Image):
+            n_patches = image_patches(seg, patch_size)
             toks += [sp.boi] + [sp.pad] * n_patches + [sp.eoi]
             mods += [TEXT] + [IMAGE] * n_patches + [TEXT]
             imgs += [-1] + [n_img] * n_patches + [-1]
@@ -99,26 +104,38 @@ def _doc_tokens(example: list, sp: Specials, n_patches: int) -> tuple[list[int],
             mods += [TEXT] + [IMAGE] * n + [TEXT]
             imgs += [-1] * (n + 2)
             discrete += [True] * (n + 2)
+        elif isinstance(seg, Continuous):  # plug-in span: local ids -2, -3, ... (pack maps them to SPAN_BASE + k)
+            if seg.modality not in extra:
+                raise ValueError(f"a {type(seg).__name__} segment of modality {seg.modality!r} needs it in "
+                                 f"model.extra_modalities (now {list(extra)})")
+            n = seg.values.shape[0]
+            toks += [sp.boi] + [sp.pad] * n + [sp.eoi]
+            mods += [TEXT] + [2 + extra.index(seg.modality)] * n + [TEXT]
+            imgs += [-1] + [-2 - n_span] * n + [-1]
+            discrete += [True] + [False] * n + [True]
+            n_span += 1
         else:
-            raise TypeError(f"segments must be Text, Image or ImageTokens, got {type(seg).__name__}")
+            raise TypeError(f"segments must be Text, Image, ImageTokens or Continuous, got {type(seg).__name__}")
     return toks + [sp.eos], mods + [TEXT], imgs + [-1], discrete + [True]
 
 
 def pack(examples: list[list], seq_len: int, specials: Specials, patch_size: int,
-         n_rows: int | None = None, image_seeds: list[list[int]] | None = None) -> Batch:
+         n_rows: int | None = None, image_seeds: list[list[int]] | None = None,
+         extra_modalities: tuple = ()) -> Batch:
     """Greedy packing in order: a document goes into the current row if it fits, else opens a new row.
 
     ``n_rows`` pads the batch with empty rows to a fixed count (an error if the documents need more).
     ``image_seeds[i][j]`` seeds the t / noise of image j of example i (default: running index).
+    ``extra_modalities`` (``model.extra_modalities``) gives plug-in ``Continuous`` segments their ids 2, 3, ...;
+    their spans' t / noise are seeded by their running index per modality.
     """
     if not examples:
         raise ValueError("pack() needs at least one example")
-    first_img = next((s for ex in examples for s in ex if isinstance(s, Image)), None)
-    n_patches = 0 if first_img is None else (first_img.latent.shape[-1] // patch_size) * (first_img.latent.shape[-2] // patch_size)
+    _check_latents(examples, patch_size)
     rows: list[list[int]] = [[]]
     used = 0
     for i, ex in enumerate(examples):
-        length = document_length(ex, n_patches)
+        length = document_length(ex, patch_size=patch_size)
         if length > seq_len:
             raise ValueError(f"example {i} needs {length} tokens but data.seq_len={seq_len}; "
                              f"shorten its text (data.max_caption_tokens) or raise seq_len")
@@ -139,11 +156,13 @@ def pack(examples: list[list], seq_len: int, specials: Specials, patch_size: int
     position = torch.zeros(shape, dtype=torch.long)
     targets = torch.full(shape, IGNORE, dtype=torch.long)
     latents, cond, seeds = [], [], []
+    values: dict[int, list[torch.Tensor]] = {2 + k: [] for k in range(len(extra_modalities))}
+    n_spans = 0
     doc = 0
     for r, members in enumerate(rows):
         col = 0
         for i in members:
-            toks, mods, imgs, discrete = _doc_tokens(examples[i], specials, n_patches)
+            toks, mods, imgs, discrete = _doc_tokens(examples[i], specials, patch_size, tuple(extra_modalities))
             n = len(toks)
             span = slice(col, col + n)
             tokens[r, span] = torch.tensor(toks)
@@ -151,7 +170,8 @@ def pack(examples: list[list], seq_len: int, specials: Specials, patch_size: int
             doc_id[r, span] = doc
             position[r, span] = torch.arange(n)
             base = len(latents)
-            image_id[r, span] = torch.tensor([base + j if j >= 0 else -1 for j in imgs])
+            image_id[r, span] = torch.tensor([base + j if j >= 0 else -1 if j == -1 else SPAN_BASE + n_spans - 2 - j
+                                              for j in imgs])
             is_discrete = torch.tensor(discrete)
             nxt = torch.tensor(toks[1:])
             ok = is_discrete[:-1] & is_discrete[1:]
@@ -164,18 +184,46 @@ def pack(examples: list[list], seq_len: int, specials: Specials, patch_size: int
                     cond.append(seg.conditions_text or later_text)
                     seeds.append(image_seeds[i][j] if image_seeds is not None else len(seeds))
                     j += 1
+                elif isinstance(seg, Continuous):
+                    values[2 + tuple(extra_modalities).index(seg.modality)].append(seg.values.float())
+                    n_spans += 1
             doc += 1
             col += n
-    c, h, w = (first_img.latent.shape if first_img is not None else (1, patch_size, patch_size))
-    lat = torch.stack(latents).float() if latents else torch.zeros(0, c, h, w)
-    return Batch(tokens, modality, doc_id, image_id, position, targets, lat,
-                 t=torch.zeros(lat.shape[0]), conditions_text=torch.tensor(cond, dtype=torch.bool),
-                 image_seed=torch.tensor(seeds, dtype=torch.long))
+    if latents:
+        patches, image_shape = patchify_each([x.float() for x in latents], patch_size)
+    else:
+        patches, image_shape = torch.zeros(0, patch_size ** 2), torch.zeros(0, 3, dtype=torch.long)
+    return Batch(tokens=tokens, modality=modality, doc_id=doc_id, image_id=image_id, position=position,
+                 patches=patches, image_shape=image_shape, t=torch.zeros(len(latents)), text_targets=targets,
+                 conditions_text=torch.tensor(cond, dtype=torch.bool),
+                 image_seed=torch.tensor(seeds, dtype=torch.long), **_flat_values(values))
+
+
+def _check_latents(examples: list[list], patch_size: int) -> None:
+    for i, ex in enumerate(examples):
+        for seg in ex:
+            if isinstance(seg, Image) and (seg.latent.dim() != 3 or seg.latent.shape[-2] % patch_size
+                                           or seg.latent.shape[-1] % patch_size):
+                raise ValueError(f"example {i}: an image latent must be (C, h, w) with h and w multiples of "
+                                 f"model.patch_size={patch_size}, got {tuple(seg.latent.shape)}")
+
+
+def _flat_values(values: dict[int, list[torch.Tensor]]) -> dict:
+    """Plug-in spans per modality -> Batch's ``values`` (N_m, d), zero ``time`` (N_m,) and ``value_spans``
+    (S_m, 2) = (length, seed = running index)."""
+    out: dict = {"values": {}, "time": {}, "value_spans": {}}
+    for m, spans in values.items():
+        if spans:
+            flat = torch.cat(spans)
+            lengths = torch.tensor([x.shape[0] for x in spans], dtype=torch.long)
+            out["values"][m], out["time"][m] = flat, torch.zeros(flat.shape[0])
+            out["value_spans"][m] = torch.stack([lengths, torch.arange(len(spans))], 1)
+    return out
 
 
 def unpack(batch: Batch, specials: Specials) -> list[list]:
     """Inverse of ``pack`` (for tests and inspection): the documents' segments in batch order."""
-    examples = []
+    examples, latents = [], batch.latents()
     for r in range(batch.tokens.shape[0]):
         docs = batch.doc_id[r]
         for d in docs[docs >= 0].unique(sorted=True).tolist():
@@ -196,12 +244,12 @@ def unpack(batch: Batch, specials: Specials) -> list[list]:
                     side = int(round(ids.numel() ** 0.5))  # the grid is not packed: square when it can be
                     segs.append(ImageTokens(ids.reshape(side, side) if side * side == ids.numel() else ids[None]))
                     k = end + 1  # past EOI
-                elif toks[k] == specials.boi and k + 1 < len(imgs) and imgs[k + 1] >= 0:
+                elif toks[k] == specials.boi and k + 1 < len(imgs) and 0 <= imgs[k + 1] < SPAN_BASE:
                     if text:
                         segs.append(Text(text))
                         text = []
                     img = imgs[k + 1]
-                    segs.append(Image(batch.latents[img]))
+                    segs.append(Image(latents[img]))
                     k += 1
                     while k < len(imgs) and imgs[k] == img:
                         k += 1

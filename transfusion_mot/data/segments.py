@@ -7,6 +7,7 @@ generation or ``[Image(latent), Text(caption_ids)]`` for captioning. ``pack()`` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from PIL import Image as PILImage
@@ -44,4 +45,14 @@ class ImageTokens:
     conditions_text: bool = False
 
 
-Example = list  # list[Text | Image | ImageTokens]
+@dataclass
+class Continuous:
+    """A plug-in continuous segment: vectors (n, d) of the modality named ``modality`` (a subclass sets
+    it; ``model.extra_modalities`` lists it), packed as one bidirectional span between BOI and EOI and
+    trained with the flow loss like an image (a speech clip's frames, a toy 1-D signal's frames)."""
+
+    modality: ClassVar[str] = ""
+    values: torch.Tensor  # (n, d) float
+
+
+Example = list  # list[Text | Image | ImageTokens | Continuous]

@@ -16,6 +16,7 @@ from .. import rng
 from ..data.packing import IGNORE, Specials, pack
 from ..data.segments import Image, Text
 from ..flow import add_noise, diffusion_val_grid, velocity_target
+from ..model.layers import patchify_each
 
 
 @dataclass
@@ -48,9 +49,8 @@ def _fixed_noise(pairs: list[Pair], seed: int) -> list[torch.Tensor]:
 
 
 def _seq_len(pairs: list[Pair], patch_size: int) -> int:
-    c, h, w = pairs[0].latent.shape
     longest = max(len(p.caption_ids) for p in pairs)
-    return 4 + longest + (h // patch_size) * (w // patch_size)
+    return 4 + longest + max((q.latent.shape[-2] // patch_size) * (q.latent.shape[-1] // patch_size) for q in pairs)
 
 
 @torch.no_grad()
@@ -72,13 +72,14 @@ def validation_losses(model, pairs: list[Pair], specials: Specials, grid: int = 
     nll = {"text": [0.0, 0], "caption": [0.0, 0]}
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        x0 = torch.stack([q.latent for q in chunk]).float()
-        eps = torch.stack(noise[start:start + batch_size])
+        x0, _ = patchify_each([q.latent.float() for q in chunk], p)  # (P, C*p*p): sizes may differ
+        eps, _ = patchify_each(noise[start:start + batch_size], p)
         t2i = pack([[Text(q.caption_ids), Image(q.latent)] for q in chunk], seq, specials, p).to(device)
         n_elem += x0.numel()
         for k, t in enumerate(ts.tolist()):
             tt = torch.full((len(chunk),), t)
-            out = model(t2i.replace(latents=add_noise(x0, eps, tt).to(device), t=tt.to(device)))
+            out = model(t2i.replace(patches=add_noise(x0, eps, torch.full((x0.shape[0],), t)).to(device),
+                                    t=tt.to(device)))
             err = (out.velocity.float().cpu() - velocity_target(x0, eps)).pow(2)
             flow_sum[k] += err.double().sum()
             if text and k == 0:  # caption before the image: its loss ignores the image (text perplexity)

@@ -1,13 +1,38 @@
 """Per-modality adapters: what a modality brings to the shared backbone besides its MoT group.
 
 A discrete modality (text, VQ image codes) brings an embedding and a head with a softmax over its own
-vocabulary; its loss is next-token cross-entropy (``next_token.py``). The continuous image modality of
-the Transfusion setting still lives inside ``transfusion.py`` (patch in/out + timestep embedding).
+vocabulary; its loss is next-token cross-entropy (``next_token.py``). A continuous one brings a linear
+map in, a timestep embedding of its flow time and a zero-initialised linear map out (the velocity); its
+loss is the flow loss (``flow.py``). The image modality of the Transfusion setting keeps its own
+patch in/out inside ``transfusion.py`` (parameter names of saved runs); further modalities are
+plug-ins: ``register_modality(name, make)`` and ``model.extra_modalities=[name]`` give them ids 2, 3, ...
+and a MoT group each.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
+
+from .layers import TimestepEmbedding
+
+# name -> make(model dim) -> adapter, for model.extra_modalities (a test or a user's own module registers)
+MODALITIES: dict[str, Callable[[int], nn.Module]] = {}
+
+
+def register_modality(name: str, make: Callable[[int], nn.Module]) -> None:
+    """Make a plug-in modality buildable by name: ``make(dim)`` returns its adapter."""
+    if not name or name in ("text", "image"):
+        raise ValueError(f"a plug-in modality needs a name other than text / image, got {name!r}")
+    MODALITIES[name] = make
+
+
+def build_adapter(name: str, dim: int) -> nn.Module:
+    if name not in MODALITIES:
+        raise ValueError(f"model.extra_modalities names {name!r}, which no module registered "
+                         f"(model.adapters.register_modality); registered: {sorted(MODALITIES)}")
+    return MODALITIES[name](dim)
 
 
 class DiscreteAdapter(nn.Module):
@@ -28,3 +53,28 @@ class DiscreteAdapter(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, V)
         return self.head(h)
+
+
+class ContinuousAdapter(nn.Module):
+    """Continuous vectors (a patch, a frame) in and their predicted velocity out, with the flow time
+    embedded and added at every position (Transfusion's patch in/out + timestep embedding)."""
+
+    kind = "continuous"
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        if in_dim < 1:
+            raise ValueError(f"a continuous adapter needs an input width >= 1, got {in_dim}")
+        self.in_dim = in_dim
+        self.inp = nn.Linear(in_dim, dim)
+        self.t_emb = TimestepEmbedding(dim)
+        self.out = nn.Linear(dim, in_dim)
+
+    def reset_output(self) -> None:
+        nn.init.zeros_(self.out.weight)  # predict zero velocity at the start (DiT's final layer)
+
+    def embed(self, values: torch.Tensor, time: torch.Tensor) -> torch.Tensor:  # (N, d), (N,) -> (N, D)
+        return self.inp(values) + self.t_emb(time).to(values.dtype)
+
+    def predict(self, h: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, d)
+        return self.out(h)

@@ -19,7 +19,6 @@ from .adapters import DiscreteAdapter
 from .mot import Backbone, KVCache
 from .transfusion import Transfusion, backbone_config
 
-TEXT, IMAGE = 0, 1  # adapter / MoT group ids (as the packer lays them out)
 
 
 @dataclass

@@ -86,3 +86,31 @@ def unpatchify(patches: torch.Tensor, p: int, c: int, h: int, w: int) -> torch.T
     n = patches.shape[0]
     x = patches.reshape(n, h // p, w // p, c, p, p)
     return x.permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+
+def patch_counts(shape: torch.Tensor, p: int) -> torch.Tensor:
+    """(N, 3) latent shapes (C, h, w) -> (N,) patches per image."""
+    return (shape[:, 1] // p) * (shape[:, 2] // p)
+
+
+def patchify_each(latents, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents of any sizes -> their patches, flat, image after image (P, C*p*p), and their shapes (N, 3).
+
+    ``latents``: a sequence of (C, h, w) tensors (sizes may differ) or one (N, C, h, w) tensor. Images of
+    different sizes share a packed batch this way, with no stack of equal shapes (issue 21, item 2)."""
+    if isinstance(latents, torch.Tensor):
+        n, c, h, w = latents.shape
+        shape = torch.tensor([[c, h, w]] * n, dtype=torch.long).reshape(n, 3)
+        return patchify(latents, p).reshape(-1, c * p * p), shape
+    if not latents:
+        raise ValueError("patchify_each needs at least one latent (or an (N, C, h, w) tensor)")
+    flat = [patchify(x[None], p)[0] for x in latents]  # each (h/p * w/p, C*p*p)
+    shape = torch.tensor([list(x.shape) for x in latents], dtype=torch.long)
+    return torch.cat(flat), shape
+
+
+def unpatchify_each(patches: torch.Tensor, shape: torch.Tensor, p: int) -> list[torch.Tensor]:
+    """Inverse of patchify_each: flat patches (P, C*p*p) and shapes (N, 3) -> N latents (C, h, w)."""
+    counts = patch_counts(shape, p).tolist()
+    return [unpatchify(x[None], p, c, h, w)[0]
+            for x, (c, h, w) in zip(patches.split(counts), shape.tolist())]

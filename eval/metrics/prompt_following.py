@@ -1,16 +1,18 @@
 """Prompt-following: shapes held-out prompts scored by the checker (with its chance level), or any prompt
 list (e.g. GenEval's metadata) rendered as a grid for inspection (GenEval's detector is not offline).
 
-    python eval/prompt_following.py --ckpt runs/main --out eval_out/pf [--n 64] [--steps 250]
-    python eval/prompt_following.py --ckpt RUN --prompts ../shared/assets/prompts/geneval_metadata.jsonl --n 32 --out DIR
-    accelerate launch --num_processes N eval/prompt_following.py ...   # the prompts split across processes
+    python eval/metrics/prompt_following.py --ckpt runs/main --out eval_out/pf [--n 64] [--steps 250]
+    python eval/metrics/prompt_following.py --ckpt RUN --prompts ../shared/assets/prompts/geneval_metadata.jsonl --n 32 --out DIR
+    accelerate launch --num_processes N eval/metrics/prompt_following.py ...   # the prompts split across processes
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py, shared by every eval script
 from common import add_device_args, generate_missing, load_pipeline, process_state, read_prompts, run_sampling_defaults, write_results
 from PIL import Image as PILImage
 from torchvision.transforms.functional import to_tensor

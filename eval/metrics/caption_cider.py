@@ -1,15 +1,17 @@
 """Captioning CIDEr on COCO-format references (pycocoevalcap's CIDEr scorer, as Transfusion reports).
 
-    python eval/caption_cider.py --ckpt RUN --coco-json ../shared/assets/images/coco-mini/captions_val2017_subset.json \
+    python eval/metrics/caption_cider.py --ckpt RUN --coco-json ../shared/assets/images/coco-mini/captions_val2017_subset.json \
         --out eval_out/cider [--image-dir DIR] [--n 159]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py, shared by every eval script
 from common import add_device_args, load_pipeline, md_table, write_results
 
 from transfusion_mot.metrics.cider import cider

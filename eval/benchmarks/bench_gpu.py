@@ -10,10 +10,10 @@ GPU's dense bf16 peak. The jobs run in order of importance against a time budget
 that would not fit is listed as skipped, and the results are rewritten after every job, so a run stopped
 from outside still leaves what it measured.
 
-    python eval/bench_gpu.py [--sizes 163M 760M] [--steps 10] [--budget-s 330] [--out eval/results]
-    python eval/bench_gpu.py --dry-run --out DIR   # CPU, tiny sizes: every code path but CUDA's kernels
+    python eval/benchmarks/bench_gpu.py [--sizes 163M 760M] [--steps 10] [--budget-s 330] [--out eval/results]
+    python eval/benchmarks/bench_gpu.py --dry-run --out DIR   # CPU, tiny sizes: every code path but CUDA's kernels
 
-``eval/gpu_check.sh`` runs it after the GPU tests. Without CUDA and without ``--dry-run`` it says so and
+``eval/benchmarks/gpu_check.sh`` runs it after the GPU tests. Without CUDA and without ``--dry-run`` it says so and
 writes nothing.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from transfusion_mot.components.flops import PAPER_TOKENIZER_VOCAB, size_data
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 SEQ_LEN = 4096
 ROWS = {"163M": 8, "760M": 4}  # micro-batch rows of SEQ_LEN tokens (halved on out-of-memory)
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s; the first name contained in the device name wins.
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         if peak is None:
             print(f"no known bf16 peak for {torch.cuda.get_device_name()!r}: MFU is left empty (pass --peak-tflops)")
-    command = "python eval/bench_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python eval/benchmarks/bench_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
     info = machine(b, peak)
 
     def on_result(results: dict) -> None:

@@ -1,13 +1,13 @@
 """The GPU check in one go (issue 19): on a machine with one CUDA GPU, no network and its own preinstalled
-torch, run the GPU tests (tests/test_gpu.py, tests/test_masks.py) and then eval/bench_gpu.py, inside a time
+torch, run the GPU tests (tests/test_gpu.py, tests/test_masks.py) and then eval/benchmarks/bench_gpu.py, inside a time
 budget (default 7.5 minutes in all), and write eval/results/bench_gpu.{json,md} naming the device, with the
 tests' outcome in them.
 
 Nothing is installed here: the project runs from this checkout (PYTHONPATH) on the machine's own torch;
-pure-Python packages it lacks travel as wheels (``eval/gpu_check.sh --wheels DIR``, which refuses torch).
+pure-Python packages it lacks travel as wheels (``eval/benchmarks/gpu_check.sh --wheels DIR``, which refuses torch).
 
-    eval/gpu_check.sh [--budget-s 450] [--out eval/results] [--wheels DIR]
-    eval/gpu_check.sh --dry-run [--out DIR]   # on a CPU: every step but CUDA's (tests collected, tiny bench)
+    eval/benchmarks/gpu_check.sh [--budget-s 450] [--out eval/results] [--wheels DIR]
+    eval/benchmarks/gpu_check.sh --dry-run [--out DIR]   # on a CPU: every step but CUDA's (tests collected, tiny bench)
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "eval" / "results"
 # What the package, the GPU tests and the benchmark import at the top (diffusers etc. only load on demand).
 REQUIRED = ["torch", "yaml", "numpy", "PIL", "scipy", "safetensors", "tqdm", "accelerate", "pytest"]
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     missing = [m for m in REQUIRED if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"error: {sys.executable} lacks {', '.join(missing)}; carry them as wheels (eval/gpu_check.sh "
+        print(f"error: {sys.executable} lacks {', '.join(missing)}; carry them as wheels (eval/benchmarks/gpu_check.sh "
               "--wheels DIR), never torch itself", file=sys.stderr)
         return 2
     env = environment()
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     tests = run_tests(args.dry_run, min(args.test_budget_s, args.budget_s / 2), out)
     print(f"tests: {tests['summary']} ({tests['seconds']} s)", flush=True)
     left = args.budget_s - (time.perf_counter() - start)
-    cmd = [sys.executable, str(REPO / "eval" / "bench_gpu.py"), "--out", str(out), "--budget-s", f"{max(left - 45, 0):.0f}"]
+    cmd = [sys.executable, str(REPO / "eval" / "benchmarks" / "bench_gpu.py"), "--out", str(out),
+           "--budget-s", f"{max(left - 45, 0):.0f}"]
     cmd += ["--dry-run"] if args.dry_run else []
     try:
         bench = subprocess.run(cmd, cwd=REPO, timeout=max(left - 5, 1)).returncode
@@ -87,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         bench = -1  # bench_gpu rewrites its results after every job: what it measured is there
     result = out / "bench_gpu.json"
     if not result.is_file():
-        print(f"error: eval/bench_gpu.py wrote no results (exit {bench})", file=sys.stderr)
+        print(f"error: eval/benchmarks/bench_gpu.py wrote no results (exit {bench})", file=sys.stderr)
         return 1
-    sys.path.insert(0, str(REPO / "eval"))
+    sys.path.insert(0, str(REPO / "eval" / "benchmarks"))
     from bench_gpu import write
 
     payload = json.loads(result.read_text())

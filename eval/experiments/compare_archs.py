@@ -17,10 +17,10 @@ MoT paper's Algorithm 1 (``post``: the norm after each sublayer, inside the resi
 Runs live in ``<out>/runs/<setting>/<norm>/<arm>-s<seed>``, resume with ``train.resume=auto`` and are
 skipped once finished, so an interrupted job picks up where it was.
 
-    python eval/compare_archs.py                   # the default budget (~45 min per norm placement, 2-core CPU)
-    python eval/compare_archs.py --steps 4000      # a larger budget (use a fresh --out)
-    python eval/compare_archs.py --settings chameleon   # the Chameleon setting (~30 min per norm placement)
-    python eval/compare_archs.py --smoke --out /tmp/cmp   # seconds: the debug size, a few steps
+    python eval/experiments/compare_archs.py                   # the default budget (~45 min per norm placement, 2-core CPU)
+    python eval/experiments/compare_archs.py --steps 4000      # a larger budget (use a fresh --out)
+    python eval/experiments/compare_archs.py --settings chameleon   # the Chameleon setting (~30 min per norm placement)
+    python eval/experiments/compare_archs.py --smoke --out /tmp/cmp   # seconds: the debug size, a few steps
 """
 from __future__ import annotations
 
@@ -28,12 +28,14 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py, shared by every eval script
 from common import REPO, RESULTS, write_results
 from compare_archs_report import PAIR, image_key, markdown, plot
 
@@ -339,6 +341,9 @@ def run_setting(setting: str, norm: str, args, steps: int, train_runs: bool = Tr
             print(f"[{NAME}] {setting}/{norm}-norm: training {arm} seed {seed} for {steps} steps -> {run_dir}",
                   flush=True)
             train_run(cfg, run_dir)
+            if not is_done(run_dir):  # train() saved and returned on SIGTERM / Ctrl-C
+                raise SystemExit(f"[{NAME}] {run_dir} was stopped before its end; run the same command again "
+                                 f"to resume it")
         elif not is_done(run_dir):
             print(f"[{NAME}] {setting}: {run_dir} is not finished; left out", flush=True)
             continue

@@ -1,21 +1,23 @@
 """FID of images generated from a prompt list against reference images (COCO-30K style).
 
-    python eval/fid.py --ckpt runs/main --prompts ../shared/assets/prompts/coco_30k.csv --ref-dir COCO_VAL \
+    python eval/metrics/fid.py --ckpt runs/main --prompts ../shared/assets/prompts/coco_30k.csv --ref-dir COCO_VAL \
         --n 30000 --out eval_out/fid [--backend clean-fid|torchmetrics] [--inception PATH]
-    python eval/fid.py ... --features resnet56 --features-weights resnet56-cifar10.th   # reports FD-resnet56
+    python eval/metrics/fid.py ... --features resnet56 --features-weights resnet56-cifar10.th   # reports FD-resnet56
 
 The Inception (or feature) weights are checked before anything is generated: offline and missing, the
 script stops with the file name, where to put it and the flag. Generation is batched, seeded and
 resumable (existing images are kept), on ``--device`` (default: CUDA when present) in ``--dtype``, and
-splits across processes under ``accelerate launch --num_processes N eval/fid.py ...`` (each process its
+splits across processes under ``accelerate launch --num_processes N eval/metrics/fid.py ...`` (each process its
 share of the prompts, images written by index; the first process computes the score).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py, shared by every eval script
 from common import add_generation_args, generate_for_metric, md_table, read_prompts, write_results
 
 from transfusion_mot.metrics import MissingWeights

@@ -8,7 +8,7 @@ alternate (ddp, fsdp, ddp, fsdp, ...) so that the machine's drift hits both alik
 pays an all-gather per block in forward and again in backward plus a reduce-scatter, where DDP pays one
 all-reduce of the gradients: at the debug size the step is small and gloo's per-collective latency shows.
 
-    python eval/bench_fsdp.py [--steps 40] [--reps 2] [--batch-size 4]
+    python eval/benchmarks/bench_fsdp.py [--steps 40] [--reps 2] [--batch-size 4]
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py, shared by every eval script
 from common import REPO, md_table, write_results
 
 GOAL = 1.3

@@ -18,8 +18,8 @@ slowest ops of each model to the markdown.
 compiled dense <= 1.05 and compiled dense <= eager dense, at the issue's shapes ``256x4`` and ``512x8``
 (dim x layers, batch 8 x 100 tokens: documents of 32 caption tokens + 4 markers and 64 image patches).
 
-    python eval/bench_backbone.py [--sizes debug small] [--reps 0 (auto)] [--warmup 3] [--threads N]
-    python eval/bench_backbone.py --sizes 256x4 512x8 --compile --name bench_backbone_compile
+    python eval/benchmarks/bench_backbone.py [--sizes debug small] [--reps 0 (auto)] [--warmup 3] [--threads N]
+    python eval/benchmarks/bench_backbone.py --sizes 256x4 512x8 --compile --name bench_backbone_compile
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py, shared by every eval script
 import common
 
 from transfusion_mot.components.flops import size_data
@@ -45,7 +46,7 @@ from transfusion_mot.model.masks import mask_from_batch
 from transfusion_mot.model.mot import Backbone
 from transfusion_mot.model.transfusion import backbone_config
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 SPECIALS = Specials(bos=256, eos=257, pad=258, boi=259, eoi=260)
 GOALS = {"mot_over_dense": 1.10, "dense_over_floor": 1.15,
          "compiled_mot_over_dense": 1.05, "compiled_dense_over_eager": 1.0}
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.reps < 0 or 0 < args.reps < 10:
         p.error("--reps must be >= 10 (medians of at least 10 steps), or 0 for the automatic count")
-    command = "python eval/bench_backbone.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python eval/benchmarks/bench_backbone.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results = []
     for size in args.sizes:
         r = bench_size(size, args.reps, args.warmup, args.rows, args.seq_len, args.norm_placement,

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The GPU check in one go (issue 19): the GPU tests, then eval/bench_gpu.py, in under 8 minutes, writing
+# The GPU check in one go (issue 19): the GPU tests, then eval/benchmarks/bench_gpu.py, in under 8 minutes, writing
 # eval/results/bench_gpu.{json,md} that name the device. For a machine with one CUDA GPU, no network and
 # its own torch: nothing is installed, the project runs from this checkout on that torch.
 #
-#   eval/gpu_check.sh [--wheels DIR] [--budget-s 450] [--out eval/results]
-#   eval/gpu_check.sh --dry-run [--out DIR]      # on a CPU: every step but CUDA's, tiny sizes
+#   eval/benchmarks/gpu_check.sh [--wheels DIR] [--budget-s 450] [--out eval/results]
+#   eval/benchmarks/gpu_check.sh --dry-run [--out DIR]      # on a CPU: every step but CUDA's, tiny sizes
 #
 # --wheels DIR: pure-Python packages the machine lacks, installed into a temp folder for this run only
 # (pip --no-index --no-deps); torch and its CUDA/Triton wheels are refused. $PYTHON picks the interpreter
 # (default python3: on the GPU machine, the one that holds its torch).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 py="${PYTHON:-python3}"
 wheels=""
 args=()
@@ -36,4 +36,4 @@ if [ -n "$wheels" ]; then
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-exec "$py" eval/gpu_check.py ${args[@]+"${args[@]}"}
+exec "$py" eval/benchmarks/gpu_check.py ${args[@]+"${args[@]}"}

@@ -1,16 +1,18 @@
 """CLIP score (torchmetrics) of images generated from a prompt list, with a CLIP model by hub id or
 local folder (default openai/clip-vit-large-patch14, which must be in the HF cache when offline).
 
-    python eval/clip_score.py --ckpt runs/main --prompts ../shared/assets/prompts/drawbench.txt --out eval_out/clip \
+    python eval/metrics/clip_score.py --ckpt runs/main --prompts ../shared/assets/prompts/drawbench.txt --out eval_out/clip \
         [--clip PATH] [--n 200] [--device cuda] [--dtype bf16]
-    accelerate launch --num_processes 8 eval/clip_score.py ...   # each process generates its share of the prompts
+    accelerate launch --num_processes 8 eval/metrics/clip_score.py ...   # each process generates its share of the prompts
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py, shared by every eval script
 from common import add_generation_args, generate_for_metric, md_table, read_prompts, write_results
 from PIL import Image as PILImage
 from torchvision.transforms.functional import pil_to_tensor

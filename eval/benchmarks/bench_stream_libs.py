@@ -7,7 +7,7 @@ chunks) and torchdata's StatefulDataLoader around a plain webdataset pipeline. T
 dependencies of the package: install them in a separate environment to run this script
 
     python -m venv /tmp/libvenv && /tmp/libvenv/bin/pip install mosaicml-streaming litdata torchdata wids
-    PYTHONPATH=. /tmp/libvenv/bin/python eval/bench_stream_libs.py --sizes 10000 100000
+    PYTHONPATH=. /tmp/libvenv/bin/python eval/benchmarks/bench_stream_libs.py --sizes 10000 100000
 """
 from __future__ import annotations
 
@@ -204,7 +204,7 @@ def main(argv=None) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--libs", nargs="+", default=list(RUNNERS), help="a subset of: " + ", ".join(RUNNERS))
     p.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: library folder n resume
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_stream_libs.json"))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "bench_stream_libs.json"))
     args = p.parse_args(argv)
     if args.one:
         import torch  # noqa: F401  (every candidate imports it: not part of the difference)

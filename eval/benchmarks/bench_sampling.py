@@ -3,19 +3,24 @@ and without the cached prompt and with and without CFG, for a 64-token prompt an
 images. The reference for the cache is a forward pass over the image tokens alone (the least any
 step can cost): goal (issue 7) cached step <= 1.2x that.
 
-    python eval/bench_sampling.py [--steps 250] [--images 4] [--reps 3]
+    python eval/benchmarks/bench_sampling.py [--steps 250] [--images 4] [--reps 3]
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py, shared by every eval script
 from common import md_table, median_time, write_results
 
 from transfusion_mot.config import SampleConfig, load_config
-from transfusion_mot.data.packing import IMAGE, Batch, Specials
+from transfusion_mot.data.packing import IMAGE, Specials
 from transfusion_mot.model import build_model
+from transfusion_mot.model.inputs import ModelInput
+from transfusion_mot.model.layers import patchify_each
 from transfusion_mot.sample import sample_latents
 
 SPECIALS = Specials(bos=256, eos=257, pad=258, boi=259, eoi=260)
@@ -27,12 +32,12 @@ def image_only_forward(model, rows: int, n_patches_side: int) -> callable:
     cfg = model.cfg
     n = (n_patches_side // cfg.patch_size) ** 2
     shape = (rows, n)
-    batch = Batch(tokens=torch.full(shape, SPECIALS.pad), modality=torch.full(shape, IMAGE),
-                  doc_id=torch.zeros(shape, dtype=torch.long), image_id=torch.arange(rows)[:, None].expand(shape),
-                  position=torch.arange(n).expand(shape), text_targets=torch.full(shape, -100),
-                  latents=torch.randn(rows, cfg.latent_channels, n_patches_side, n_patches_side),
-                  t=torch.full((rows,), 0.5), conditions_text=torch.zeros(rows, dtype=torch.bool),
-                  image_seed=torch.zeros(rows, dtype=torch.long))
+    patches, image_shape = patchify_each(torch.randn(rows, cfg.latent_channels, n_patches_side, n_patches_side),
+                                         cfg.patch_size)
+    batch = ModelInput(tokens=torch.full(shape, SPECIALS.pad), modality=torch.full(shape, IMAGE),
+                       doc_id=torch.zeros(shape, dtype=torch.long), image_id=torch.arange(rows)[:, None].expand(shape),
+                       position=torch.arange(n).expand(shape), patches=patches, image_shape=image_shape,
+                       t=torch.full((rows,), 0.5))
     return lambda: model(batch)
 
 

@@ -6,7 +6,7 @@ A first, untimed run of the loop fills the on-disk latent cache for every step t
 share data and VAE), so the timed loops measure the loop, not the VAE encoder meeting new scenes.
 Peak memory on CPU is the process's peak resident set size (ru_maxrss); on CUDA, max allocated.
 
-    python eval/bench_train.py [--steps 60] [--log-every 10]
+    python eval/benchmarks/bench_train.py [--steps 60] [--log-every 10]
 """
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ import argparse
 import json
 import resource
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py, shared by every eval script
 from common import REPO, bare_step, md_table, median_time, pipeline_stream, write_results
 
 from transfusion_mot.config import load_config

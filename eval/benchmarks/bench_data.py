@@ -5,7 +5,7 @@ cache beside it), and the time to the first batch after a resume at 1M samples.
 Goals (issue 20): start-up time and memory flat within 2x from 10k to 1M; encoded latents >= 10x the step's
 consumption with 2 workers; first batch after a resume at 1M <= 5 s.
 
-    python eval/bench_data.py [--tmp /tmp] [--sizes 10000 100000 1000000] [--flickr ../shared/assets/...]
+    python eval/benchmarks/bench_data.py [--tmp /tmp] [--sizes 10000 100000 1000000] [--flickr ../shared/assets/...]
 
 The synthetic shards (1000 tiny JPEGs + captions each) go under --tmp and are deleted at the end.
 """
@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py, shared by every eval script
 from common import REPO, bare_step, md_table, median_time, write_results
 
 PER_SHARD = 1000

@@ -9,7 +9,7 @@ Times: the machine is shared, so each run is timed in process CPU seconds on one
 main job's VAE for ``--ref-steps`` steps measured the same way; "est. idle s" scales the VAE's measured
 107 s for 600 steps on the idle 2-core CPU (eval/results/main_job.md) by that ratio.
 
-    OMP_NUM_THREADS=1 python eval/vq_tokenizer.py --settings 4x-1024,8x-1024 [--ref-steps 60]
+    OMP_NUM_THREADS=1 python eval/experiments/vq_tokenizer.py --settings 4x-1024,8x-1024 [--ref-steps 60]
 
 Rows accumulate in eval/results/vq_tokenizer.json (one per setting, re-running a setting replaces it).
 """
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py, shared by every eval script
 from common import REPO, RESULTS, commit, md_table, write_results
 
 from transfusion_mot.config import load_config

@@ -2,15 +2,17 @@
 on a fixed t grid with fixed noise per image, text perplexity, and the conditional losses text->image
 (flow loss given the caption) and image->text (caption NLL given the clean image).
 
-    python eval/val_loss.py --ckpt runs/main --out eval_out/val                      # the run's held-out split
-    python eval/val_loss.py --ckpt RUN --source webdataset --path 'cc12m/{00000..00009}.tar' --n 5000 --out DIR
-    python eval/val_loss.py --ckpt RUN --source coco --path coco-mini/captions_val2017_subset.json --out DIR
+    python eval/metrics/val_loss.py --ckpt runs/main --out eval_out/val                      # the run's held-out split
+    python eval/metrics/val_loss.py --ckpt RUN --source webdataset --path 'cc12m/{00000..00009}.tar' --n 5000 --out DIR
+    python eval/metrics/val_loss.py --ckpt RUN --source coco --path coco-mini/captions_val2017_subset.json --out DIR
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py, shared by every eval script
 from common import add_device_args, load_pipeline, md_table, write_results
 
 from transfusion_mot.config import replace

@@ -1,11 +1,13 @@
-"""The report of eval/compare_archs.py: the curves' plot, the runs' table and the markdown around the
+"""The report of eval/experiments/compare_archs.py: the curves' plot, the runs' table and the markdown around the
 headline figures (kept apart so the job reads top to bottom). ``image_key`` says which validation loss is a
 setting's image loss; ``PAIR`` is the headline pair that every seed trains."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py, shared by every eval script
 from common import md_table
 
 if TYPE_CHECKING:
