@@ -104,7 +104,12 @@ def test_same_examples_for_any_world_size_and_workers(shards: Path):
 
 
 def _equal(a, b) -> bool:
-    return all(torch.equal(getattr(a, f.name), getattr(b, f.name)) for f in fields(a))
+    """Every field of two batches equal: tensors, and the per-modality dicts (``values``, ``time``) key by key."""
+    def same(x, y):
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        return torch.equal(x, y)
+    return all(same(getattr(a, f.name), getattr(b, f.name)) for f in fields(a))
 
 
 def test_resume_gives_the_same_batches(shards: Path):
