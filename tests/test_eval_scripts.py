@@ -53,8 +53,8 @@ def _prompts(tmp_path: Path) -> Path:
 def test_fid_stops_before_generating_without_weights(debug_run, tmp_path):
     out = tmp_path / "fid"
     res = _run("fid.py", "--ckpt", debug_run, "--prompts", _prompts(tmp_path), "--ref-dir", tmp_path,
-               "--out", out, "--backend", "torchmetrics", "--inception", tmp_path / "nope.pth", ok=False)
-    assert res.returncode != 0 and "--inception" in res.stderr and "nope.pth" in res.stderr
+               "--out", out, "--backend", "legacy_tensorflow", "--inception", tmp_path / "nope.pt", ok=False)
+    assert res.returncode != 0 and "--inception" in res.stderr and "nope.pt" in res.stderr
     assert not (out / "images").exists()  # nothing generated
 
 

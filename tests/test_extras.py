@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import REPO, debug_overrides
 
-EXTRAS = {"cleanfid": "eval", "torchmetrics": "eval", "torch_fidelity": "eval", "pycocoevalcap": "eval",
+EXTRAS = {"cleanfid": "eval", "torchmetrics": "eval", "pycocoevalcap": "eval",
           "datasets": "data", "fastapi": "demo", "uvicorn": "demo"}
 
 

@@ -1,12 +1,11 @@
-"""Metrics through their real code paths, with stand-in weights: a randomly initialised Inception saved in
-both libraries' formats (FID), the assets' ResNet-56 (FD-resnet56), a tiny CLIP fitted in the test
-(CLIP score), and pycocoevalcap's CIDEr.
+"""Metrics through their real code paths, with stand-in weights: a small random TorchScript network in the
+layout clean-fid loads the NVIDIA Inception from (FID, both modes), the assets' ResNet-56 (FD-resnet56), a tiny
+CLIP fitted in the test (CLIP score), and pycocoevalcap's CIDEr.
 """
 from __future__ import annotations
 
 import gzip
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -18,80 +17,63 @@ from transfusion_mot.metrics import MissingWeights
 from transfusion_mot.metrics.cider import cider, tokenize
 from transfusion_mot.metrics.clip_score import clip_score, require_clip
 from transfusion_mot.metrics.features import ResNet56, build_feature_extractor, load_resnet56
-from transfusion_mot.metrics.fid import (CLEANFID_FILE, FIDELITY_FILE, InceptionFID, compute_fd, compute_fid,
+from transfusion_mot.metrics.fid import (CLEANFID_FILE, InceptionFID, compute_fd, compute_fid, frechet_distance,
                                          library_cache_path, require_inception)
 
 NOISE_LEVELS = (0.0, 0.03, 0.1)
 N_IMAGES = 4
-LIVE_FEATURES = 64  # feature channels left alive in the random Inception (see `fidelity_inception`)
-# torch-fidelity's trunk, in forward order, up to the 2048-d pooled features
-_TRUNK = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
-          "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
-          "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "AvgPool")
+LIVE_FEATURES = 64  # feature channels that vary in the random Inception (see `_RandomInception`)
 
 
 # ----------------------------------------------------------------------------------------------- FID fixtures
 
-def _random_fidelity_inception() -> nn.Module:
-    """torch-fidelity's FeatureExtractorInceptionV3 with random weights (its constructor would download)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+class _Layers(nn.Module):
+    """A small random conv net standing in for Inception's trunk: (B, 3, 299, 299) in [-1, 1] -> (B, 2048, 1, 1)."""
 
-    with mock.patch.object(tfi, "load_state_dict_from_url", return_value={}), \
-            mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict", return_value=None):
-        net = tfi.FeatureExtractorInceptionV3("random-inception", ["2048"])
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d):  # He init keeps activations O(1) through 90+ layers
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / m.weight[0].numel()) ** 0.5)
-        # A 2048x2048 eigendecomposition takes about a minute on 2 busy cores. Silencing all but
-        # LIVE_FEATURES output channels (ReLU of a very negative BN bias is exactly 0) keeps the
-        # architecture and the file format but lets the eigen-solvers deflate the zero block at once.
-        last = net.Mixed_7c
-        for name, mod in last.named_modules():
-            if isinstance(mod, nn.BatchNorm2d) and name.split(".")[0] in {"branch1x1", "branch3x3_2a",
-                                                                          "branch3x3_2b", "branch3x3dbl_3a",
-                                                                          "branch3x3dbl_3b", "branch_pool"}:
-                keep = LIVE_FEATURES if name.startswith("branch1x1") else 0
-                mod.bias[keep:] = -1e4
-                mod.weight[:keep] = 30.0  # FID values of order 1 rather than 1e-3: a clear margin over ~0
-    return net.eval()
-
-
-class _Trunk(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.blocks = nn.Sequential(*(getattr(net, name) for name in _TRUNK))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 299, 299) in [-1, 1] -> (B, 2048)
-        return torch.flatten(self.blocks(x), 1)
-
-
-class _CleanFIDLayout(nn.Module):
-    """What clean-fid's InceptionV3W expects of the TorchScript file: a ``layers`` submodule -> 2048 features."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.layers = _Trunk(net)
+        gen = torch.Generator().manual_seed(0)
+        self.convs = nn.Sequential(nn.Conv2d(3, 32, 7, stride=4), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2),
+                                   nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Conv2d(64, 2048, 1)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):  # He init keeps activations O(1)
+                    m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / m.weight[0].numel()) ** 0.5)
+                    m.bias.zero_()
+            # Real Inception features are 2048 live channels, whose 2048x2048 matrix square root takes ~20 s on
+            # the 2-core CPU; here all but LIVE_FEATURES channels are constant (zero weights, a fixed bias),
+            # the file format and shapes stay, and the distance's square root runs on the live block only.
+            self.head.weight[LIVE_FEATURES:] = 0.0
+            self.head.bias[LIVE_FEATURES:] = 0.5
+            self.head.weight[:LIVE_FEATURES] *= 30.0  # FID values of order 1 rather than 1e-3: a clear margin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        return self.head(self.convs(x))
+
+
+class _RandomInception(nn.Module):
+    """What clean-fid's InceptionV3W calls on the NVIDIA TorchScript file: ``layers`` (clean mode, on 299x299
+    input already scaled to [-1, 1]) and ``forward(x, return_features=True)`` (legacy_tensorflow mode: 0..255
+    input of any size, bilinear resize to 299 and the scaling inside)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = _Layers()
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:  # (B, 3, H, W) 0..255
+        if x.shape[2] != 299 or x.shape[3] != 299:
+            x = nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        features = self.layers((x - 128) / 128).reshape(-1, 2048)
+        assert return_features, "the stand-in has no classifier head"
+        return features
 
 
 @pytest.fixture(scope="module")
-def fidelity_inception(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
-    """The random network and its state dict, saved as torch-fidelity / torchmetrics load it."""
-    net = _random_fidelity_inception()
-    path = tmp_path_factory.mktemp("inception") / "random-fidelity-inception.pth"
-    torch.save(net.state_dict(), path)
-    return net, path
-
-
-@pytest.fixture(scope="module")
-def cleanfid_inception(fidelity_inception: tuple[nn.Module, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same random network as TorchScript in clean-fid's layout, under a non-canonical file name."""
+def cleanfid_inception(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random network as TorchScript in clean-fid's layout, under a non-canonical file name."""
     path = tmp_path_factory.mktemp("inception-ts") / "random-inception.pt"
-    torch.jit.script(_CleanFIDLayout(fidelity_inception[0])).save(str(path))
+    torch.jit.script(_RandomInception().eval()).save(str(path))
     return path
 
 
@@ -127,43 +109,67 @@ def _check_fid_curve(fid: InceptionFID, sets: dict[float, Path]) -> list[float]:
 
 # ---------------------------------------------------------------------------------------------------- FID
 
-def test_fid_torchmetrics_random_inception(fidelity_inception, noise_sets) -> None:
-    fid = InceptionFID(noise_sets[0.0], "torchmetrics", inception_path=fidelity_inception[1])
+@pytest.mark.parametrize("backend", ["clean", "legacy_tensorflow"])
+def test_fid_random_inception_is_zero_on_itself_and_grows_with_noise(backend, cleanfid_inception, noise_sets) -> None:
+    fid = InceptionFID(noise_sets[0.0], backend, inception_path=cleanfid_inception)
     values = _check_fid_curve(fid, noise_sets)
-    print(f"FID torchmetrics, random Inception, noise {NOISE_LEVELS}: {values}")
+    print(f"FID {backend}, random Inception, noise {NOISE_LEVELS}: {values}")
+    assert compute_fid(noise_sets[0.03], noise_sets[0.0], backend, cleanfid_inception) == fid(noise_sets[0.03])
 
 
-def test_fid_cleanfid_loads_local_torchscript(cleanfid_inception, noise_sets) -> None:
-    """clean-fid's own InceptionV3W and resize run on a local file that does not carry its canonical name."""
-    pair = sorted(noise_sets[0.1].iterdir())[:2]
-    fid = InceptionFID(pair, "clean-fid", inception_path=cleanfid_inception)
-    feats = fid.features(pair)
-    assert feats.shape == (2, 2048) and np.isfinite(feats).all()
-    assert np.count_nonzero(feats.std(axis=0)) > LIVE_FEATURES // 2  # the two images differ in feature space
+def test_fid_modes_share_one_file_and_differ_only_in_the_resize(cleanfid_inception, noise_sets) -> None:
+    """clean (PIL bicubic outside) and legacy_tensorflow (bilinear inside) read one file: close, not equal."""
+    paths = sorted(noise_sets[0.1].iterdir())
+    clean = InceptionFID(paths, "clean-fid", inception_path=cleanfid_inception)  # the old name of clean
+    legacy = InceptionFID(paths, "legacy_tensorflow", inception_path=cleanfid_inception)
+    a, b = clean.features(paths), legacy.features(paths)
+    assert a.shape == b.shape == (N_IMAGES, 2048) and np.isfinite(a).all() and np.isfinite(b).all()
+    assert np.count_nonzero(a.std(axis=0)) > LIVE_FEATURES // 2  # the images differ in feature space
+    gap = np.abs(a - b).max() / np.abs(a).max()
+    assert 1e-4 < gap < 0.2, gap  # the same network; only the resize differs
+    ref = noise_sets[0.0]
+    assert clean(ref) != legacy(ref)
+    with pytest.raises(ValueError, match="FID backend must be one of"):
+        InceptionFID(paths, "torchmetrics", inception_path=cleanfid_inception)
 
 
-@pytest.mark.slow
-def test_fid_cleanfid_random_inception(cleanfid_inception, noise_sets) -> None:
-    """Slow: clean-fid's scipy sqrtm of a 2048x2048 product takes ~40 s per FID on the 2-core CPU."""
-    fid = InceptionFID(noise_sets[0.0], "clean-fid", inception_path=cleanfid_inception)
-    print(f"FID clean-fid, random Inception, noise {NOISE_LEVELS}: {_check_fid_curve(fid, noise_sets)}")
-    assert compute_fid(noise_sets[0.03], noise_sets[0.0], "clean-fid", cleanfid_inception) == fid(noise_sets[0.03])
+def test_frechet_distance_on_live_dims_equals_clean_fid_on_all(noise_sets) -> None:
+    """Dropping dims constant in both sets from the square root leaves clean-fid's distance unchanged."""
+    from cleanfid.fid import fid_from_feats
+
+    rng = np.random.default_rng(0)
+    a, b = np.full((6, 40), 0.5), np.full((6, 40), 0.5)
+    b[:, 30:] = 0.7  # constant in both sets, different means: counts through the mean term
+    a[:, :8], b[:, :8] = rng.normal(size=(6, 8)), rng.normal(size=(6, 8)) + 0.3
+    b[:, 8] = rng.normal(size=6)  # varies in one set only: stays in the square root
+    assert frechet_distance(a, b) == pytest.approx(fid_from_feats(a, b), rel=1e-9)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)  # sqrtm of a singular product: ~1e-8
 
 
-@pytest.mark.parametrize("backend, filename", [("clean-fid", CLEANFID_FILE), ("torchmetrics", FIDELITY_FILE)])
-def test_missing_inception_is_explained_before_any_work(backend: str, filename: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["clean", "legacy_tensorflow", "clean-fid"])
+def test_missing_inception_is_explained_before_any_work(backend: str, tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "inception.pt"
     with pytest.raises(MissingWeights) as err:  # folders do not exist either: the weights are checked first
         compute_fid(tmp_path / "gen", tmp_path / "ref", backend, inception_path=missing)
     text = str(err.value)
-    assert filename in text and "--inception PATH" in text and str(missing) in text
-    assert str(library_cache_path(backend)) in text
+    assert CLEANFID_FILE in text and "--inception PATH" in text and str(missing) in text
+    assert str(library_cache_path()) in text
     assert isinstance(err.value, FileNotFoundError)
-    if not library_cache_path(backend).exists():  # e.g. /tmp/inception-2015-12-05.pt on a machine that has it
+    if not library_cache_path().exists():  # e.g. /tmp/inception-2015-12-05.pt on a machine that has it
         with pytest.raises(MissingWeights, match="--inception PATH"):
             require_inception(backend)
+        with pytest.raises(MissingWeights, match="--inception PATH"):
+            build_feature_extractor("inception")
     with pytest.raises(ValueError, match="backend"):
         require_inception("pytorch-fid")
+
+
+def test_inception_feature_net_is_fid_in_legacy_tensorflow_mode(cleanfid_inception, noise_sets) -> None:
+    """``--features inception``: clean-fid's TorchScript Inception, resize inside, so compute_fd is FID."""
+    extractor = build_feature_extractor("inception", cleanfid_inception)
+    score = compute_fd(noise_sets[0.1], noise_sets[0.0], extractor)
+    legacy = compute_fid(noise_sets[0.1], noise_sets[0.0], "legacy_tensorflow", cleanfid_inception)
+    assert score.name == "FID" and score.value == pytest.approx(legacy, rel=1e-9) and score.value > 1e-2
 
 
 # ------------------------------------------------------------------------------------------- FD-resnet56

@@ -1,7 +1,7 @@
 """FID of images generated from a prompt list against reference images (COCO-30K style).
 
     python eval/metrics/fid.py --ckpt runs/main --prompts ../shared/assets/prompts/coco_30k.csv --ref-dir COCO_VAL \
-        --n 30000 --out eval_out/fid [--backend clean-fid|torchmetrics] [--inception PATH]
+        --n 30000 --out eval_out/fid [--backend clean|legacy_tensorflow] [--inception PATH]
     python eval/metrics/fid.py ... --features resnet56 --features-weights resnet56-cifar10.th   # reports FD-resnet56
 
 The Inception (or feature) weights are checked before anything is generated: offline and missing, the
@@ -27,12 +27,16 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_generation_args(p)
     p.add_argument("--ref-dir", required=True, help="reference images (e.g. COCO val2014 for COCO-30K)")
-    p.add_argument("--backend", default="clean-fid", choices=["clean-fid", "torchmetrics"])
-    p.add_argument("--inception", default=None, help="local Inception weights file for the backend")
+    p.add_argument("--backend", default="clean", choices=["clean", "legacy_tensorflow", "clean-fid"],
+                   help="clean-fid mode: clean (PIL bicubic resize) or legacy_tensorflow (the TF reference resize); "
+                        "clean-fid = clean")
+    p.add_argument("--inception", default=None, help="local inception-2015-12-05.pt (both modes)")
     p.add_argument("--features", default=None, help="another feature network (e.g. resnet56): reported as FD-<name>")
     p.add_argument("--features-weights", default=None)
     args = p.parse_args(argv)
-    from transfusion_mot.metrics.fid import compute_fd, compute_fid, list_images, require_inception
+    from transfusion_mot.metrics.fid import compute_fd, compute_fid, fid_mode, list_images, require_inception
+
+    args.backend = fid_mode(args.backend)  # clean-fid -> clean, as results.json records it
 
     try:  # weights first: never generate 30k images and then fail
         if args.features:
