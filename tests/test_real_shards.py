@@ -101,5 +101,5 @@ def test_real_shards_encode_train_kill_resume(assets_dir: Path, tmp_path: Path, 
     assert len(resumed) == 2  # steps 5 and 6, from the lanes' saved positions
     for after, before in zip(resumed, straight[4:]):
         for a, b in zip(after, before):
-            assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("tokens", "latents", "t", "image_seed"))
+            assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("tokens", "patches", "image_shape", "t", "image_seed"))
     assert _losses(killed) == _losses(tmp_path / "straight")  # bitwise
