@@ -156,13 +156,14 @@ def pack(examples: list[list], seq_len: int, specials: Specials, patch_size: int
     position = torch.zeros(shape, dtype=torch.long)
     targets = torch.full(shape, IGNORE, dtype=torch.long)
     latents, cond, seeds = [], [], []
-    values: dict[int, list[torch.Tensor]] = {2 + k: [] for k in range(len(extra_modalities))}
+    extra = tuple(extra_modalities)  # modality 2 + k is extra[k]
+    values: dict[int, list[torch.Tensor]] = {2 + k: [] for k in range(len(extra))}
     n_spans = 0
     doc = 0
     for r, members in enumerate(rows):
         col = 0
         for i in members:
-            toks, mods, imgs, discrete = _doc_tokens(examples[i], specials, patch_size, tuple(extra_modalities))
+            toks, mods, imgs, discrete = _doc_tokens(examples[i], specials, patch_size, extra)
             n = len(toks)
             span = slice(col, col + n)
             tokens[r, span] = torch.tensor(toks)
@@ -185,7 +186,7 @@ def pack(examples: list[list], seq_len: int, specials: Specials, patch_size: int
                     seeds.append(image_seeds[i][j] if image_seeds is not None else len(seeds))
                     j += 1
                 elif isinstance(seg, Continuous):
-                    values[2 + tuple(extra_modalities).index(seg.modality)].append(seg.values.float())
+                    values[2 + extra.index(seg.modality)].append(seg.values.float())
                     n_spans += 1
             doc += 1
             col += n
