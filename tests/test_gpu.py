@@ -116,6 +116,7 @@ def _compiled_vs_eager(device: str, arch: str, backend: str) -> None:
         for blocks in (eager, model.backbone.blocks):
             xs = routing.split(x)
             for block in blocks:
+                routing.mark_dynamic(xs)  # as Backbone.forward does before every block
                 xs = block(xs, routing, rope, mask)
             out = routing.merge(xs)
             weights = [p for block in model.backbone.blocks for p in block.parameters()]

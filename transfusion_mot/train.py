@@ -77,7 +77,7 @@ def compile_blocks(model, backend: str = "inductor") -> None:
     batch. MoE's data-dependent expert routing may break its graph, so it is not forced to be whole."""
     fullgraph = model.cfg.arch != "moe"
     for block in model.backbone.blocks:
-        block.compile(backend=backend, fullgraph=fullgraph, dynamic=True)
+        block.compile(backend=backend, fullgraph=fullgraph, dynamic=None)  # group sizes: Routing.mark_dynamic
 
 
 def micro_batches(stream, n: int, device) -> list:

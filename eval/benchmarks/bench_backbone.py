@@ -141,7 +141,7 @@ def build(size: str, norm_placement: str, compile_backend: str | None = None) ->
             compiled = Backbone(models[arch].cfg)
             compiled.load_state_dict(models[arch].state_dict())
             for block in compiled.blocks:  # as train.compile_blocks does
-                block.compile(backend=compile_backend, fullgraph=True, dynamic=True)
+                block.compile(backend=compile_backend, fullgraph=True, dynamic=None)
             models[f"{arch}_compiled"] = compiled
     return models, cfg
 

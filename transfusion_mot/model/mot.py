@@ -270,6 +270,7 @@ class Backbone(nn.Module):
         xs = routing.split(x.reshape(b * t, d))
         segments = document_segments(doc_id, (b, t), x.device) if self.cfg.moe_experts else None
         for block in self.blocks:
+            routing.mark_dynamic(xs)
             if self.checkpointing and self.training and cache is None:
                 xs = torch.utils.checkpoint.checkpoint(block, xs, routing, rope, mask, None, segments,
                                                        use_reentrant=False)
