@@ -131,7 +131,9 @@ def test_bench_backbone_compiled_shapes(tmp_path):
     (row,) = record["results"]
     assert (row["dim"], row["n_layers"], row["rows"], row["seq_len"]) == (256, 4, 1, 100)
     assert row["image_token_share"] == 0.64 and row["padding_share"] == 0
-    assert set(row["median_ms"]) == {"mot", "dense", "floor", "mot_compiled", "dense_compiled"}
+    assert set(row["median_ms"]) == {"mot", "dense", "floor", "floor_mot", "mot_compiled", "dense_compiled",
+                                     "floor_compiled", "floor_mot_compiled"}
+    assert row["floor_mot_over_floor"] > 0 and row["compiled_floor_mot_over_floor"] > 0
     assert row["compiled_mot_over_dense"] > 0 and row["compiled_dense_over_eager"] > 0
     assert {"256x4:compiled_mot_over_dense", "256x4:compiled_dense_over_eager"} <= set(record["goals"])
     assert "| 256x4 | 1 x 100 |" in (tmp_path / "compiled.md").read_text()

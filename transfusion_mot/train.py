@@ -232,7 +232,8 @@ def _train(cfg: Config, engine: Engine, run_dir: Path, stop: "StopSignals", eval
 
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             log_step(run, engine, state, losses, grad_norm, tokens / max(time.time() - t_last, 1e-9))
-            bar.set_postfix(lm=f"{losses['loss_lm']:.3f}", flow=f"{losses['loss_flow']:.4f}")
+            flow_shown = {} if cfg.model.setting == "chameleon" else {"flow": f"{losses['loss_flow']:.4f}"}
+            bar.set_postfix(lm=f"{losses['loss_lm']:.3f}", **flow_shown)  # chameleon: one next-token loss
             t_last, tokens = time.time(), 0
         if state.step < cfg.train.steps:
             periodic_eval(run, cfg, engine, state.step, run_dir)

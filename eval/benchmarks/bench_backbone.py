@@ -6,7 +6,11 @@ caption->image documents with as many text tokens as image patches. Three models
 * ``mot``   - transfusion_mot's Backbone with one weight group per modality,
 * ``dense`` - the same code with one group (same shape, same FLOPs per token),
 * ``floor`` - a plain pre-norm transformer written below (fused QKV, RoPE, SDPA with the same boolean
-  mask, SwiGLU of the same hidden size): what the dense step should cost without our abstractions.
+  mask, SwiGLU of the same hidden size): what the dense step should cost without our abstractions,
+* ``floor_mot`` - the same plain block with two weight groups, as if the batch were sorted by modality
+  (the first tokens of the flattened batch use group 0, the rest group 1; no routing, no gathers): what
+  MoT's arithmetic alone costs, its matmuls and norms split in two. ``floor_mot / floor`` is the part
+  of MoT/dense that no implementation of MoT can remove on this machine at this shape.
 
 The models run interleaved inside every repetition (the order rotates) so that drift in a shared
 machine's speed hits all of them alike; the reported numbers are medians after warm-up.
@@ -110,19 +114,48 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+class FloorMoTBlock(nn.Module):
+    """Two FloorBlocks' weights, the first ``n`` tokens of the flattened batch through group 0 and the
+    rest through group 1: MoT's arithmetic with the tokens already sorted by group (slices, no gathers;
+    one concatenation each for attention's input and the block's output)."""
+
+    def __init__(self, dim: int, n_heads: int, hidden: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.groups = nn.ModuleList(FloorBlock(dim, n_heads, hidden) for _ in range(2))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        parts = (flat[:n], flat[n:])  # (N_g, D) each
+        qkv = torch.cat([g.qkv(F.rms_norm(p, (d,), g.attn_norm, 1e-6)) for g, p in zip(self.groups, parts)])
+        q, k, v = qkv.view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b * t, d)
+        out = []
+        for g, p, a_g in zip(self.groups, parts, (a[:n], a[n:])):
+            h = p + g.proj(a_g)
+            gate, up = g.w13(F.rms_norm(h, (d,), g.ffn_norm, 1e-6)).chunk(2, dim=-1)
+            out.append(h + g.w2(F.silu(gate) * up))
+        return torch.cat(out).view(b, t, d)
+
+
 class Floor(nn.Module):
-    def __init__(self, dim: int, n_layers: int, n_heads: int, hidden: int, theta: float = 10000.0):
+    def __init__(self, dim: int, n_layers: int, n_heads: int, hidden: int, theta: float = 10000.0, groups: int = 1):
         super().__init__()
         hd = dim // n_heads
         self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd), persistent=False)
-        self.blocks = nn.ModuleList(FloorBlock(dim, n_heads, hidden) for _ in range(n_layers))
+        block = FloorBlock if groups == 1 else FloorMoTBlock
+        self.blocks = nn.ModuleList(block(dim, n_heads, hidden) for _ in range(n_layers))
         self.norm = nn.Parameter(torch.ones(dim))
+        self.groups = groups
 
     def forward(self, x, modality, position, mask) -> torch.Tensor:
         angles = position.float()[..., None] * self.inv_freq  # (B, T, hd/2)
         cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+        extra = () if self.groups == 1 else (int((modality != IMAGE).sum()),)  # group 0: the text tokens
         for block in self.blocks:
-            x = block(x, cos, sin, mask)
+            x = block(x, cos, sin, mask, *extra)
         return F.rms_norm(x, (x.shape[-1],), self.norm, 1e-6)
 
 
@@ -135,7 +168,9 @@ def build(size: str, norm_placement: str, compile_backend: str | None = None) ->
         cfg = load_config(None, [*overrides, f"model.arch={arch}", f"model.norm_placement={norm_placement}"])
         models[arch] = Backbone(backbone_config(cfg.model))
     m = cfg.model
-    models["floor"] = Floor(m.dim, m.n_layers, m.n_heads, m.ffn_dim or ffn_hidden_dim(m.dim), m.rope_theta)
+    floor_shape = (m.dim, m.n_layers, m.n_heads, m.ffn_dim or ffn_hidden_dim(m.dim), m.rope_theta)
+    models["floor"] = Floor(*floor_shape)
+    models["floor_mot"] = Floor(*floor_shape, groups=2)
     if compile_backend:
         for arch in ("mot", "dense"):
             compiled = Backbone(models[arch].cfg)
@@ -143,6 +178,12 @@ def build(size: str, norm_placement: str, compile_backend: str | None = None) ->
             for block in compiled.blocks:  # as train.compile_blocks does
                 block.compile(backend=compile_backend, fullgraph=True, dynamic=None)
             models[f"{arch}_compiled"] = compiled
+        for name in ("floor", "floor_mot"):  # block by block too (the shapes, text count included, are fixed)
+            compiled = Floor(*floor_shape, groups=models[name].groups)
+            compiled.load_state_dict(models[name].state_dict())
+            for block in compiled.blocks:
+                block.compile(backend=compile_backend, fullgraph=True, dynamic=False)
+            models[f"{name}_compiled"] = compiled
     return models, cfg
 
 
@@ -204,9 +245,12 @@ def bench_size(size: str, reps: int, warmup: int, rows: int | None, seq_len: int
         "min_ms": {n: round(min(v), 3) for n, v in times.items()},
         "mot_over_dense": round(med["mot"] / med["dense"], 4),
         "dense_over_floor": round(med["dense"] / med["floor"], 4),
+        "floor_mot_over_floor": round(med["floor_mot"] / med["floor"], 4),  # MoT's arithmetic alone
         **({"compile_backend": compile_backend,
             "compiled_mot_over_dense": round(med["mot_compiled"] / med["dense_compiled"], 4),
-            "compiled_dense_over_eager": round(med["dense_compiled"] / med["dense"], 4)} if compile_backend else {}),
+            "compiled_dense_over_eager": round(med["dense_compiled"] / med["dense"], 4),
+            "compiled_floor_mot_over_floor": round(med["floor_mot_compiled"] / med["floor_compiled"], 4)}
+           if compile_backend else {}),
         "_models": models, "_inputs": (x, batch, mask),
     }
 
@@ -251,23 +295,25 @@ def write(results: list[dict], info: dict, command: str, profiles: str, out: Pat
              "busy / steal: the machine's CPU time during the timed steps (/proc/stat); steal is time the "
              "hypervisor gave this VM's CPUs to others.", "",
              "| size | batch x seq | timed steps | MoT ms | dense ms | floor ms | MoT/dense | dense/floor "
-             "| CPU busy / steal |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| floor MoT/floor | CPU busy / steal |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in clean:
         ms = r["median_ms"]
         lines.append(f"| {r['size']} | {r['rows']} x {r['seq_len']} | {r['reps']} | {ms['mot']:.2f} | "
                      f"{ms['dense']:.2f} | {ms['floor']:.2f} | {r['mot_over_dense']:.3f} | "
-                     f"{r['dense_over_floor']:.3f} | {_cpu(r['cpu_share'])} |")
+                     f"{r['dense_over_floor']:.3f} | {r['floor_mot_over_floor']:.3f} | {_cpu(r['cpu_share'])} |")
     compiled = [r for r in clean if "compile_backend" in r]
     if compiled:
         lines += ["", f"Compiled ({compiled[0]['compile_backend']}; every block as `train.compile_blocks` compiles it):",
                   "", "| size | batch x seq | compiled MoT ms | compiled dense ms | compiled MoT/dense "
-                  "| compiled dense / eager dense | eager MoT/dense |", "|---|---|---|---|---|---|---|"]
+                  "| compiled dense / eager dense | eager MoT/dense | compiled floor MoT/floor |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in compiled:
             ms = r["median_ms"]
             lines.append(f"| {r['size']} | {r['rows']} x {r['seq_len']} | {ms['mot_compiled']:.2f} | "
                          f"{ms['dense_compiled']:.2f} | {r['compiled_mot_over_dense']:.3f} | "
-                         f"{r['compiled_dense_over_eager']:.3f} | {r['mot_over_dense']:.3f} |")
+                         f"{r['compiled_dense_over_eager']:.3f} | {r['mot_over_dense']:.3f} | "
+                         f"{r['compiled_floor_mot_over_floor']:.3f} |")
     lines += ["", "| goal | value | target | result |", "|---|---|---|---|"]
     for name, g in goals.items():
         lines.append(f"| {name} | {g['value']:.3f} | {g['goal']} | {'pass' if g['pass'] else 'FAIL'} |")
