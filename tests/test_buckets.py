@@ -17,6 +17,7 @@ from PIL import Image as PILImage
 
 from transfusion_mot import rng
 from transfusion_mot import train as train_mod
+from transfusion_mot.components.resume import config_changes
 from transfusion_mot.config import ConfigError, load_config
 from transfusion_mot.data.sources import SkipStats, build_source
 from transfusion_mot.data.transform import ImageTransform, nearest_bucket
@@ -248,3 +249,15 @@ def test_debug_run_trains_on_batches_of_mixed_image_shapes(assets_dir: Path, tmp
     pairs = encode_records(build_records(cfg.data, "val"), cfg, prepare_tokenizer(cfg), load_run_codec(cfg, run), 3)
     assert {tuple(p.latent.shape) for p in pairs} == {(32, 4, 6), (32, 6, 4)}
 
+
+def test_resuming_a_checkpoint_from_before_buckets_is_no_data_change():
+    """A checkpoint's config written before ``data.buckets`` existed has no such key: its default is no change."""
+    from transfusion_mot.config import Config
+
+    now = Config().to_dict()
+    saved = json.loads(json.dumps(now))
+    del saved["data"]["buckets"]
+    layout = {"world_size": 1, "batch_size": now["data"]["batch_size"]}
+    assert config_changes(saved, now, layout, layout) == {"model": [], "data": [], "applied": []}
+    now["data"]["buckets"] = ([32, 48],)
+    assert config_changes(saved, now, layout, layout)["data"] == ["data.buckets: [] -> [[32, 48]]"]
