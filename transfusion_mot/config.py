@@ -92,6 +92,9 @@ class DataConfig:
     text_column: str = "text"
     resolution: int = 64
     crop: str = "center"  # "center" | "random"
+    # aspect-ratio buckets: (height, width) pixel sizes, e.g. [[64, 64], [48, 80], [80, 48]]; each image is
+    # resized to cover the one nearest its aspect ratio and cropped to it. () = square crops at data.resolution
+    buckets: tuple = ()
     tokenizer: str = "bytes"  # "bytes" | a local tokenizer folder / .model file | a hub id
     seq_len: int = 256
     batch_size: int = 8  # rows per micro-batch per process

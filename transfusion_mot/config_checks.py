@@ -123,6 +123,7 @@ def validate(cfg: Config) -> Config:
     if m.latent_size % m.patch_size:
         raise ConfigError(f"model.patch_size={m.patch_size} does not divide model.latent_size={m.latent_size}")
     _check_codec_geometry(cfg)
+    _check_buckets(cfg)
     if m.n_modalities != 2 + len(m.extra_modalities):
         raise ConfigError(f"model.n_modalities={m.n_modalities} but text, image and model.extra_modalities="
                           f"{list(m.extra_modalities)} make {2 + len(m.extra_modalities)}")
@@ -147,12 +148,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}={value} must lie in [0, 1]")
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must lie in [0, 1)")
-    n_patches = (m.latent_size // m.patch_size) ** 2
-    need = 4 + d.max_caption_tokens + n_patches  # data/batches.py layout(): BOS, caption, BOI, patches, EOI, EOS
-    if d.seq_len < need:
-        raise ConfigError(f"data.seq_len={d.seq_len} cannot hold one image of {n_patches} patches plus "
-                          f"data.max_caption_tokens={d.max_caption_tokens} caption tokens and 4 markers (needs >= "
-                          f"{need}); raise data.seq_len or model.patch_size, or lower data.max_caption_tokens")
+    _check_seq_len(cfg)
     if o.lr <= 0 or o.final_lr < 0 or o.final_lr > o.lr:
         raise ConfigError(f"optim.lr={o.lr} must be > 0 and optim.final_lr={o.final_lr} in [0, lr]")
     if o.warmup_steps < 0 or o.clip < 0 or o.weight_decay < 0:
@@ -234,6 +230,49 @@ def _check_codec_geometry(cfg: Config) -> None:
     if m.latent_size != res // factor:
         raise ConfigError(f"model.latent_size={m.latent_size} but data.resolution={res} / the codec's factor "
                           f"{factor} = {res // factor} ({codec}); leave it at 0 to derive it")
+
+
+def _check_seq_len(cfg: Config) -> None:
+    """One row must hold the longest document: data/batches.py layout(), BOS, caption, BOI, patches, EOI, EOS."""
+    d = cfg.data
+    n_patches = largest_image_patches(cfg)
+    need = 4 + d.max_caption_tokens + n_patches
+    if d.seq_len < need:
+        largest = " (the largest of data.buckets)" if d.buckets else ""
+        raise ConfigError(f"data.seq_len={d.seq_len} cannot hold one image of {n_patches} patches{largest} plus "
+                          f"data.max_caption_tokens={d.max_caption_tokens} caption tokens and 4 markers (needs >= "
+                          f"{need}); raise data.seq_len or model.patch_size, or lower data.max_caption_tokens")
+
+
+def largest_image_patches(cfg: Config) -> int:
+    """Patches of the largest image a training document holds: the square at data.resolution, or with
+    ``data.buckets`` the largest bucket (the codec's downsampling is data.resolution / model.latent_size)."""
+    from .data.transform import bucket_sizes
+
+    m, d = cfg.model, cfg.data
+    if not d.buckets or m.latent_size < 1:
+        return (m.latent_size // m.patch_size) ** 2
+    unit = d.resolution // m.latent_size * m.patch_size  # pixels per patch side
+    return max((h // unit) * (w // unit) for h, w in bucket_sizes(d.buckets))
+
+
+def _check_buckets(cfg: Config) -> None:
+    """Each bucket splits into whole patches of whole latent pixels (checked again once the codec is loaded)."""
+    from .data.transform import bucket_sizes
+
+    m, d = cfg.model, cfg.data
+    buckets = bucket_sizes(d.buckets)
+    if not buckets:
+        return
+    if m.setting != "transfusion":
+        raise ConfigError(f"data.buckets={[list(b) for b in buckets]} needs model.setting=transfusion (continuous "
+                          f"latents of any shape); model.setting={m.setting} reads square token grids")
+    down = d.resolution // m.latent_size
+    unit = down * m.patch_size
+    for h, w in buckets:
+        if h % unit or w % unit:
+            raise ConfigError(f"data.buckets: bucket [{h}, {w}] is not a multiple of {unit} px in both sides (the "
+                              f"codec's downsampling {down} x model.patch_size={m.patch_size})")
 
 
 def _check_setting(cfg: Config) -> None:

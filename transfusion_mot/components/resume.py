@@ -188,8 +188,13 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def config_changes(saved: dict, now: dict, saved_layout: dict, now_layout: dict) -> dict[str, list]:
-    """{'model' | 'data' | 'applied': ['key: old -> new', ...]} between a checkpoint and this run."""
+    """{'model' | 'data' | 'applied': ['key: old -> new', ...]} between a checkpoint and this run. A key the
+    checkpoint's config does not have (added since) counts as its default: a new option's default keeps the
+    old behaviour, so only a non-default value is a change."""
+    from ..config import Config
+
     old, new = _flat(saved), _flat(now)
+    old.update({k: v for k, v in _flat(Config().to_dict()).items() if k in new and k not in old})
     out: dict[str, list] = {"model": [], "data": [], "applied": []}
     for key in sorted(set(old) | set(new)):
         if key in _IGNORED or key == "data.batch_size" or old.get(key) == new.get(key):  # batch: see below

@@ -28,14 +28,17 @@ class Prepared:
 
     position: int
     key: str
-    pixels: torch.Tensor  # (3, R, R) in [0, 1]
+    pixels: torch.Tensor  # (3, H, W) in [0, 1]: (R, R), or the image's bucket with data.buckets
     caption_ids: list[int]
     caption_first: bool
 
 
 def layout(cfg: Config) -> tuple[int, int]:
-    """(longest document, documents per row) so that ``batch_size`` rows always hold E examples."""
-    n_patches = (cfg.model.latent_size // cfg.model.patch_size) ** 2
+    """(longest document, documents per row) so that ``batch_size`` rows always hold E examples (the
+    longest image: the largest of ``data.buckets`` when set)."""
+    from ..config_checks import largest_image_patches
+
+    n_patches = largest_image_patches(cfg)
     longest = 2 + cfg.data.max_caption_tokens + n_patches + 2
     per_row = max(1, cfg.data.seq_len // longest)
     if longest > cfg.data.seq_len:
@@ -56,13 +59,13 @@ class ExampleSource(torch.utils.data.Dataset):
     """
 
     def __init__(self, records, tokenizer, cfg: Config, rank: int = 0, world: int = 1, seed: int | None = None):
-        from .sources import ImageTransform
+        from .transform import ImageTransform
 
         self.records, self.tokenizer, self.data = records, tokenizer, cfg.data
         self.seed = cfg.train.seed if seed is None else seed
         self.rank, self.world = rank, world
         self.per_batch = examples_per_batch(cfg)
-        self.transform = ImageTransform(cfg.data.resolution, crop=cfg.data.crop)
+        self.transform = ImageTransform(cfg.data.resolution, crop=cfg.data.crop, buckets=cfg.data.buckets)
         self.skips = SkipStats()  # found while indexing the source (e.g. a listed file that is missing)
         self.skips.merge(getattr(records, "skips", None) or SkipStats())
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation of the records)
@@ -111,10 +114,10 @@ class ExampleSource(torch.utils.data.Dataset):
 
 
 def collate_batch(prepared: list[Prepared], encode, cfg: Config, specials: Specials) -> Batch:
-    """Encode pixels to latents (one batched call) and pack into exactly ``data.batch_size`` rows."""
+    """Encode pixels to latents (one batched call per image shape) and pack into exactly ``data.batch_size`` rows."""
     if not prepared:
         raise RuntimeError("a whole batch of records was skipped as unreadable; check the data source")
-    latents = encode([p.key for p in prepared], torch.stack([p.pixels for p in prepared]))
+    latents = encode_by_shape(encode, [p.key for p in prepared], [p.pixels for p in prepared])
     examples = []
     for prep, lat in zip(prepared, latents):
         if cfg.model.setting == "chameleon":  # VQ ids (h, w): exact in the cache's float32 (codebooks <= 2**20)
@@ -125,6 +128,19 @@ def collate_batch(prepared: list[Prepared], encode, cfg: Config, specials: Speci
         examples.append([text, img] if prep.caption_first else [img, text])
     return pack(examples, cfg.data.seq_len, specials, cfg.model.patch_size, n_rows=cfg.data.batch_size,
                 image_seeds=[[p.position] for p in prepared])
+
+
+def encode_by_shape(encode, keys: list[str], pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``encode(keys, (M, 3, H, W)) -> (M, C, h, w)`` run once per distinct image shape (aspect-ratio buckets
+    put several in one batch); the latents come back in the order of ``keys``."""
+    groups: dict[tuple, list[int]] = {}
+    for i, px in enumerate(pixels):
+        groups.setdefault(tuple(px.shape), []).append(i)
+    out: list = [None] * len(keys)
+    for members in groups.values():
+        for i, lat in zip(members, encode([keys[i] for i in members], torch.stack([pixels[i] for i in members]))):
+            out[i] = lat
+    return out
 
 
 class BatchStream:

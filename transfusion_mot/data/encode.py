@@ -6,9 +6,11 @@ so training at scale reads latents (``data.source=latents data.path=DIR``) with 
 Layout of ``DIR``::
 
     encode.json        what was encoded and how (source, codec config + name, resolution, latent shape,
-                       tokenizer, per-split shard counts and skips); "complete" once every shard is done
+                       tokenizer, data.buckets when set, per-split shard counts and skips); "complete" once
+                       every shard is done
     vae/               the codec, when the config trains its own (so DIR is self-contained)
-    train/000000.tar   samples: <key>.npy = (C, h, w) normalised latent (float16 unless --dtype float32),
+    train/000000.tar   samples: <key>.npy = (C, h, w) normalised latent (float16 unless --dtype float32; with
+                       data.buckets each at its image's bucket),
                        <key>.json = {"key", "captions", "ids"} (ids: each caption's token ids, untruncated)
     train/000000.json  that shard's count and skips, written after the tar: the shard's "done" mark
     val/...            the held-out split, as training would have held it out
@@ -29,7 +31,8 @@ import numpy as np
 import torch
 
 from ..config import Config, load_config, replace
-from .sources import ImageTransform, SkipStats
+from .sources import SkipStats
+from .transform import ImageTransform, bucket_sizes
 
 META = "encode.json"
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -49,11 +52,13 @@ def read_meta(folder: str | Path) -> dict:
 
 
 def check_meta(meta: dict, cfg: Config, folder: str) -> None:
-    """The training config must read the latents as they were made: same tokenizer and resolution."""
-    for key, value in (("tokenizer", cfg.data.tokenizer), ("resolution", cfg.data.resolution)):
-        if meta[key] != value:
+    """The training config must read the latents as they were made: same tokenizer, resolution and buckets
+    (the buckets size the longest document, so they must be the encoded ones)."""
+    buckets = [list(b) for b in bucket_sizes(cfg.data.buckets)]
+    for key, value in (("tokenizer", cfg.data.tokenizer), ("resolution", cfg.data.resolution), ("buckets", buckets)):
+        if meta.get(key, []) != value:
             raise ValueError(f"data.{key}={value!r} but the latents in {folder} were encoded with "
-                             f"{key} {meta[key]!r}; set data.{key}={meta[key]!r} or encode again")
+                             f"{key} {meta.get(key, [])!r}; set data.{key}={meta.get(key, [])!r} or encode again")
 
 
 def latents_codec_config(cfg: Config, meta: dict | None = None):
@@ -106,18 +111,22 @@ def _unit_records(records, unit, skips: SkipStats):
 
 @torch.no_grad()
 def encode_unit(records, unit, out: Path, codec, tokenizer, resolution: int, dtype: str,
-                batch_size: int = 32) -> dict:
-    """Encode one unit into ``out`` (.tar, then its .json): returns the .json's content."""
+                batch_size: int = 32, buckets=()) -> dict:
+    """Encode one unit into ``out`` (.tar, then its .json): returns the .json's content. With ``buckets``
+    each image is centre-cropped to its own bucket and stored at its own latent shape."""
     import webdataset as wds
 
-    tf, skips, n = ImageTransform(resolution, crop="center"), SkipStats(), 0
+    from .batches import encode_by_shape
+
+    tf, skips, n = ImageTransform(resolution, crop="center", buckets=buckets), SkipStats(), 0
     tmp = out.with_name(out.name + ".tmp")
     device = next(codec.parameters()).device
     with wds.TarWriter(str(tmp)) as sink:
         batch: list = []
 
         def flush():
-            latents = codec.encode(torch.stack([px for px, _ in batch]).to(device)).float().cpu()
+            latents = encode_by_shape(lambda keys, px: codec.encode(px.to(device)).float().cpu(),
+                                      [rec.key for _, rec in batch], [px for px, _ in batch])
             for lat, (_, rec) in zip(latents, batch):
                 ids = [list(tokenizer.encode(c)) for c in rec.captions]
                 sink.write({"__key__": f"{n_done[0]:09d}", "npy": lat.numpy().astype(DTYPES[dtype]),
@@ -173,6 +182,8 @@ def encode(cfg: Config, out: str | Path, shard_size: int = 1000, dtype: str = "f
              "tokenizer": cfg.data.tokenizer, "vocab_size": tokenizer.vocab_size, "dtype": dtype,
              "codec": {"name": codec.name, "config": codec_cfg},
              "latent_shape": [codec.latent_channels, *[cfg.data.resolution // codec.downsample] * 2]}
+    if cfg.data.buckets:  # only when set: encodings made before buckets keep their identity
+        ident["buckets"] = [list(b) for b in bucket_sizes(cfg.data.buckets)]
     ident = json.loads(json.dumps(ident))  # as it reads back (tuples become lists)
     meta_path = out / META
     if state.is_main_process:
@@ -191,7 +202,8 @@ def encode(cfg: Config, out: str | Path, shard_size: int = 1000, dtype: str = "f
             target = out / split / f"{j:06d}.tar"
             if target.with_suffix(".json").is_file():
                 continue  # done by an earlier run
-            info = encode_unit(records, units[j], target, codec, tokenizer, cfg.data.resolution, dtype)
+            info = encode_unit(records, units[j], target, codec, tokenizer, cfg.data.resolution, dtype,
+                               buckets=cfg.data.buckets)
             report(f"[{state.process_index}] {split} shard {j + 1}/{len(units)}: {info['samples']} samples")
     state.wait_for_everyone()
     if state.is_main_process:

@@ -1,6 +1,7 @@
 """On-disk latents per example, so a second epoch (or a second run) does not run the encoder again.
 
-One file per example key under ``<root>/<hash(data, codec, resolution)>/``. Writes go to a
+One file per example key under ``<root>/<hash(data, codec, resolution[, buckets])>/``; each file keeps its
+own (C, h, w), so images cropped to different aspect-ratio buckets share one cache. Writes go to a
 temporary file and are moved into place with ``os.replace``, so several ranks writing the same key
 race harmlessly and a killed process never leaves a half-written latent behind.
 """
@@ -28,10 +29,14 @@ def resolve_cache_dir(cache_dir: str | Path = CodecConfig.cache_dir) -> Path:
 
 
 class LatentCache:
-    """Latents of one (data set, codec, resolution) triple, stored per example key."""
+    """Latents of one (data set, codec, resolution) triple, stored per example key. ``buckets`` (the
+    ``data.buckets`` pairs) join the key when set, so another bucket list never reads these latents; without
+    them the key is what it always was (caches made before buckets existed stay valid)."""
 
-    def __init__(self, root: str | Path, data_name: str, codec_name: str, resolution: int):
+    def __init__(self, root: str | Path, data_name: str, codec_name: str, resolution: int, buckets=()):
         ident = {"data": data_name, "codec": codec_name, "resolution": int(resolution)}
+        if buckets:
+            ident["buckets"] = [[int(h), int(w)] for h, w in buckets]
         digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = resolve_cache_dir(root) / digest
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -58,12 +58,12 @@ def _records_name(records) -> str:
 
 @torch.no_grad()
 def encode_records(records, cfg: Config, tokenizer, codec, n: int, batch_size: int = 32) -> list:
-    """The first ``n`` good records as held-out ``Pair``s: centre crop, first caption, clean latents
-    (encoded shards already hold both)."""
+    """The first ``n`` good records as held-out ``Pair``s: centre crop (to each image's bucket with
+    ``data.buckets``), first caption, clean latents (encoded shards already hold both)."""
     from ..metrics.validation import Pair
-    from .sources import ImageTransform
+    from .transform import ImageTransform
 
-    tf = ImageTransform(cfg.data.resolution, crop="center")
+    tf = ImageTransform(cfg.data.resolution, crop="center", buckets=cfg.data.buckets)
     latent_shards = getattr(records, "latents", False)
     pixels, ids = [], []
     for rec in iter_records(records):
@@ -79,7 +79,15 @@ def encode_records(records, cfg: Config, tokenizer, codec, n: int, batch_size: i
         raise ValueError(f"no usable held-out records in {_records_name(records)}")
     if latent_shards:
         return [Pair(lat, x) for lat, x in zip(pixels, ids)]
+    from .batches import encode_by_shape
+
     device = next(codec.parameters()).device
-    latents = torch.cat([codec.encode(torch.stack(pixels[i:i + batch_size]).to(device)).float().cpu()
-                         for i in range(0, len(pixels), batch_size)])
+
+    def run(keys, px):
+        return codec.encode(px.to(device)).float().cpu()
+
+    latents = []
+    for i in range(0, len(pixels), batch_size):  # one encoder call per image shape per chunk
+        chunk = pixels[i:i + batch_size]
+        latents += encode_by_shape(run, [""] * len(chunk), chunk)
     return [Pair(lat, x) for lat, x in zip(latents, ids)]

@@ -16,6 +16,7 @@ from .. import rng
 from ..config import Config
 from .records import _is_shards, _records_name, build_records
 from .sources import SkipStats, source_spec
+from .transform import bucket_sizes
 
 
 def _cache_root(cfg: Config) -> Path:
@@ -129,7 +130,13 @@ def train_codec_for(cfg: Config, out: Path | None = None, records=None) -> Path:
 
 
 def check_codec(codec, cfg: Config) -> None:
-    """The model's latent shape must be what the codec produces at the data resolution."""
+    """The model's latent shape must be what the codec produces at the data resolution, and every bucket
+    must split into whole patches of the codec's latent pixels."""
+    unit = codec.downsample * cfg.model.patch_size
+    for h, w in bucket_sizes(cfg.data.buckets):
+        if h % unit or w % unit:
+            raise ValueError(f"data.buckets: bucket [{h}, {w}] is not a multiple of {unit} px in both sides (the "
+                             f"codec's downsampling {codec.downsample} x model.patch_size={cfg.model.patch_size})")
     size = cfg.data.resolution // codec.downsample
     if codec.latent_channels != cfg.model.latent_channels or size != cfg.model.latent_size:
         raise ValueError(
@@ -220,7 +227,8 @@ def prepare_codec(cfg: Config, run_dir: Path, accelerator=None, records=None):
     cache = None
     streamed = _is_shards(records)  # shards at scale: one file per example does not scale; use `encode`
     if cfg.data.cache_latents and cfg.data.crop == "center" and not streamed:  # random crops change every epoch
-        cache = LatentCache(_cache_root(cfg) / "latents", _records_name(records), codec.name, cfg.data.resolution)
+        cache = LatentCache(_cache_root(cfg) / "latents", _records_name(records), codec.name, cfg.data.resolution,
+                            bucket_sizes(cfg.data.buckets))
     return codec, CachedEncoder(codec, cache)
 
 

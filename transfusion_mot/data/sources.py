@@ -1,5 +1,5 @@
-"""Data sources: the registry that ``data.source`` names, the real captioned-image sources, the image
-transform, and the accounting of skipped records (DESIGN §4).
+"""Data sources: the registry that ``data.source`` names, the real captioned-image sources and the accounting
+of skipped records (DESIGN §4); the image transform lives in data/transform.py.
 
 ``SOURCES`` maps each ``data.source`` name to a ``SourceSpec``: how to build its records per split and
 the checks of its own options (``config_checks.validate`` runs them). Adding a source is one
@@ -25,12 +25,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image as PILImage
 
 from ..config import ConfigError, DataConfig
 from .segments import Record
+from .transform import ImageTransform, bucket_sizes, nearest_bucket  # noqa: F401 (imported from here too)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 IMAGEFOLDER_FILES = ("metadata.jsonl", "captions.csv", "captions.txt")
@@ -85,45 +85,6 @@ class SkipStats:
             return "skipped 0 records"
         parts = [f"{n} {reason} (e.g. {', '.join(self.examples.get(reason, []))})" for reason, n in self.counts.items()]
         return f"skipped {self.total} record{'s' if self.total != 1 else ''}: " + ", ".join(parts)
-
-
-class ImageTransform:
-    """PIL image -> (3, R, R) float tensor in [0, 1]: RGB, short side resized to R, centre or random crop.
-
-    Images whose short side is below ``min_side`` return None. The default, R // 2 + 1, skips anything
-    that would need 2x upsampling or more (an 8x8 image at R=16): such images teach the model blur.
-    The random crop draws from the given generator, so the pipeline's per-position generator makes crops
-    reproducible.
-    """
-
-    def __init__(self, resolution: int, crop: str = "center", min_side: int | None = None):
-        if resolution <= 0:
-            raise ValueError(f"resolution must be positive, got {resolution}")
-        if crop not in ("center", "random"):
-            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
-        self.resolution, self.crop = resolution, crop
-        self.min_side = resolution // 2 + 1 if min_side is None else min_side
-
-    def __call__(self, image: PILImage.Image, generator: torch.Generator | None = None) -> torch.Tensor | None:
-        image = image.convert("RGB")
-        w, h = image.size
-        if min(w, h) < self.min_side:
-            return None
-        r = self.resolution
-        scale = r / min(w, h)
-        new_w, new_h = max(r, round(w * scale)), max(r, round(h * scale))
-        if (new_w, new_h) != (w, h):
-            # bilinear, antialiased when shrinking: torchvision's Resize default and diffusers' training scripts
-            image = image.resize((new_w, new_h), PILImage.Resampling.BILINEAR)
-        if self.crop == "center":
-            left, top = (new_w - r) // 2, (new_h - r) // 2
-        else:
-            left = int(torch.randint(new_w - r + 1, (1,), generator=generator))
-            top = int(torch.randint(new_h - r + 1, (1,), generator=generator))
-        image = image.crop((left, top, left + r, top + r))
-        # numpy, not torch: this runs per image in loader workers, where torch's thread pool only adds overhead
-        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)  # (3, R, R)
-        return torch.from_numpy(np.ascontiguousarray(pixels))
 
 
 def open_image(data: bytes | str | Path, key: str) -> PILImage.Image:
@@ -379,7 +340,7 @@ def build_source(kind: str, path: str | Path, captions: str = "", image_column: 
 
 
 def read_all(source, transform: ImageTransform, limit: int | None = None) -> tuple[list[Record], SkipStats]:
-    """Every usable record with ``image`` replaced by its (3, R, R) tensor, and what was skipped and why.
+    """Every usable record with ``image`` replaced by its (3, H, W) tensor, and what was skipped and why.
 
     The stats include the source's own indexing skips, so one report covers the whole data set.
     """
@@ -438,7 +399,8 @@ def source_spec(name: str) -> SourceSpec:
 
 
 def _shapes(d: DataConfig, split: str):
-    """The generated shapes: disjoint seed ranges per split (data/shapes.py)."""
+    """The generated shapes: disjoint seed ranges per split (data/shapes.py), square images at
+    ``data.resolution`` (their captions name positions in the square, so ``data.buckets`` is refused)."""
     from .shapes import ShapesDataset
 
     size = d.shapes_train_size if split == "train" else d.shapes_val_size
@@ -452,6 +414,10 @@ def _check_shapes(d: DataConfig) -> None:
             raise ConfigError(f"{key}={value} must be >= 1")
     if not 1 <= d.shapes_max_shapes <= 4:
         raise ConfigError(f"data.shapes_max_shapes={d.shapes_max_shapes} must lie in 1..4")
+    if d.buckets:
+        raise ConfigError(f"data.buckets={[list(b) for b in bucket_sizes(d.buckets)]}: the shapes source renders "
+                          f"square images at data.resolution (captions name positions in them); buckets are for "
+                          f"real image sources")
 
 
 def _map_style(d: DataConfig, split: str):
