@@ -180,6 +180,11 @@ def test_debug_chameleon_run_trains_samples_and_captions(tmp_path):
     assert isinstance(pipe.caption(images)[0], str)
     with pytest.raises(ValueError, match="Chameleon setting"):
         pipe("a red circle", negative_prompt="blue")
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    with pytest.raises(ValueError, match="Chameleon setting"):
+        pipe("a red circle", generator=g)
+    assert torch.equal(g.get_state(), state)  # refused before drawing: the caller's generator is untouched
 
 
 def test_flex_attention_samples_the_same_codes_as_sdpa():

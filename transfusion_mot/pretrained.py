@@ -129,8 +129,7 @@ class Pipeline:
         from .sample_tokens import generate_image_tokens
 
         if negative_prompts is not None or noise is not None:
-            raise ValueError("negative_prompt and generator are not supported in the Chameleon setting (codes are "
-                             "drawn from each image's own seed stream; guidance's unconditional context is BOS BOI)")
+            raise ValueError(_CHAMELEON_REFUSES)
         a = self.sampling(cfg_scale=cfg_scale, seed=seed, n=n, temperature=None, top_k=None, top_p=None)
         codes = generate_image_tokens(self.model, self.encode_prompts(prompts), self.specials,
                                       cfg_scale=a["cfg_scale"], temperature=a["temperature"], top_k=a["top_k"],
@@ -151,6 +150,8 @@ class Pipeline:
         one per image; without one, image k's noise is its own stream of ``seed`` (``rng.py``), so an
         image does not depend on the batch it was made in."""
         prompts = as_prompts(prompt)
+        if self.chameleon and (negative_prompt is not None or generator is not None):  # before any draw
+            raise ValueError(_CHAMELEON_REFUSES)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}")
         if num_images_per_prompt < 1:
@@ -321,6 +322,8 @@ def from_pretrained(path_or_hub_id: str | Path, device: str | torch.device | Non
 
 
 OUTPUT_TYPES = ("pil", "pt", "np")
+_CHAMELEON_REFUSES = ("negative_prompt and generator are not supported in the Chameleon setting (codes are drawn "
+                      "from each image's own seed stream; guidance's unconditional context is BOS BOI)")
 
 
 def as_prompts(prompt, what: str = "prompt") -> list[str]:
