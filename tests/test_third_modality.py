@@ -62,7 +62,7 @@ def test_frames_pack_as_a_third_modality_in_a_bidirectional_span():
 
 
 def test_debug_model_trains_two_steps_with_three_groups():
-    cfg = debug_config("model.n_modalities=3", "model.extra_modalities=[frames]")
+    cfg = debug_config("model.extra_modalities=[frames]")
     torch.manual_seed(0)
     model = build_model(cfg.model, VOCAB)
     groups = {name.split(".groups.")[1].split(".")[0] for name, _ in model.named_parameters() if ".groups." in name}

@@ -14,7 +14,7 @@ from .adapters import build_adapter
 from .inputs import IMAGE, TEXT, ModelInput
 from .layers import TimestepEmbedding, patch_counts
 from .masks import flex_block_mask, mask_from_batch
-from .mot import Backbone, BackboneConfig, KVCache
+from .mot import Backbone, KVCache
 
 
 @dataclass
@@ -27,16 +27,6 @@ class Outputs:
     values: dict[int, torch.Tensor] = field(default_factory=dict)  # plug-in m -> (N_m, d_m) velocities
 
 
-def backbone_config(cfg: ModelConfig) -> BackboneConfig:
-    return BackboneConfig(
-        dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim,
-        n_groups=2 + len(cfg.extra_modalities) if cfg.arch == "mot" else 1, norm_placement=cfg.norm_placement,
-        qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta,
-        moe_experts=cfg.moe_experts if cfg.arch == "moe" else 0, moe_routing=cfg.moe_routing,
-        moe_capacity=cfg.moe_capacity,
-    )
-
-
 class Transfusion(nn.Module):
     _embedding_names = ("tok_emb", "lm_head")  # left out of num_params(embeddings=False)
 
@@ -46,14 +36,14 @@ class Transfusion(nn.Module):
             raise ValueError("model.vocab_size must be set (build_model fills it from the tokenizer)")
         self.cfg = cfg
         patch_dim = cfg.latent_channels * cfg.patch_size ** 2
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.patch_in = nn.Linear(patch_dim, cfg.dim)
-        self.t_emb = TimestepEmbedding(cfg.dim)
-        self.backbone = Backbone(backbone_config(cfg))
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.patch_out = nn.Linear(cfg.dim, patch_dim)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.backbone.dim)
+        self.patch_in = nn.Linear(patch_dim, cfg.backbone.dim)
+        self.t_emb = TimestepEmbedding(cfg.backbone.dim)
+        self.backbone = Backbone(cfg.backbone, cfg.n_groups, cfg.moe)
+        self.lm_head = nn.Linear(cfg.backbone.dim, cfg.vocab_size, bias=False)
+        self.patch_out = nn.Linear(cfg.backbone.dim, patch_dim)
         # plug-in modalities 2, 3, ... (model.extra_modalities), built by name from adapters.MODALITIES
-        self.extra = nn.ModuleList(build_adapter(name, cfg.dim) for name in cfg.extra_modalities)
+        self.extra = nn.ModuleList(build_adapter(name, cfg.backbone.dim) for name in cfg.extra_modalities)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -131,7 +121,7 @@ class Transfusion(nn.Module):
             if active and ".groups." in name:
                 n //= len(self._group_list(name))
             if active and ".experts." in name:
-                n //= self.cfg.moe_experts
+                n //= self.cfg.backbone.moe_experts
             total += n
         return total
 
