@@ -41,7 +41,7 @@ def live_model(*overrides: str, device: str = "cpu"):
     """A debug model whose velocity head is not zero (it is zero-initialised for training)."""
     model, cfg = debug_model(*overrides)
     torch.manual_seed(1)
-    nn.init.normal_(model.patch_out.weight, std=0.05)
+    nn.init.normal_(model.adapters[1].out.weight, std=0.05)
     return model.to(device), cfg
 
 

@@ -145,8 +145,18 @@ def test_diffusers_codec_is_saved_with_save_pretrained(debug_run, tmp_path):
 
 def _as_old_export(folder, out):
     """A copy of an exported model folder in the format written before issue 21 item 1's refactor: the
-    backbone keys flat under ``model`` with ``model.n_modalities``, as the old ``config.to_dict()`` wrote."""
+    backbone keys flat under ``model`` with ``model.n_modalities``, as the old ``config.to_dict()`` wrote, and
+    the weights under the old parameter names (tok_emb, patch_in, t_emb, lm_head, patch_out)."""
+    from safetensors.torch import load_file, save_file
+
+    from transfusion_mot.model.transfusion import LEGACY_NAMES
+
     shutil.copytree(folder, out)
+    state = load_file(out / "model.safetensors")
+    for old, new in LEGACY_NAMES:
+        state = {(old + k[len(new):] if k.startswith(new) else k): v for k, v in state.items()}
+    assert "tok_emb.weight" in state and not any(k.startswith("adapters.") for k in state)
+    save_file(state, out / "model.safetensors")
     tree = json.loads((out / "config.json").read_text())
     tree["model"] = {**{k: v for k, v in tree["model"].items() if k != "backbone"}, **tree["model"]["backbone"],
                      "n_modalities": 2}

@@ -97,7 +97,7 @@ def test_image_loss_reaches_text_weights_only_through_attention(placement):
     after_attention = [n for n in grads if n.startswith((f"{last}.out.groups.0.", f"{last}.ffn.groups.0.",
                                                          "backbone.norm.groups.0."))]
     assert any("norm" in n for n in after_attention) and any(".out." in n for n in after_attention)
-    for name in after_attention + ["lm_head.weight"]:
+    for name in after_attention + ["adapters.0.head.weight"]:
         assert grads[name] is None or (grads[name] == 0).all(), name
     before = [n for n in grads if ".groups.0." in n and n not in after_attention]
     assert any(n.startswith("backbone.blocks.0.ffn.groups.0.") for n in before)
