@@ -1,9 +1,12 @@
 """Model-level behaviour: overfitting a fixed batch, document permutation equivariance."""
 import pytest
 import torch
+from torch import nn
 
 from transfusion_mot import flow
 from transfusion_mot.data.packing import pack
+from transfusion_mot.model.adapters import MODALITIES, ContinuousAdapter, register_modality
+from transfusion_mot.model.transfusion import LEGACY_NAMES
 
 from helpers import SPECIALS, debug_model, mixed_batch, mixed_examples
 
@@ -59,10 +62,6 @@ def test_permuting_documents_permutes_outputs():
 def test_text_image_and_plug_ins_are_one_adapter_list():
     """Text (0) and image (1) go through adapters like the plug-ins (2, ...): no parameter outside the list
     but the backbone's, and num_params(embeddings=False) leaves out the text embedding and LM head only."""
-    import torch.nn as nn
-
-    from transfusion_mot.model.adapters import MODALITIES, ContinuousAdapter, register_modality
-
     register_modality("frames_m", lambda dim: ContinuousAdapter(6, dim))
     try:
         model, cfg = debug_model("model.extra_modalities=[frames_m]")
@@ -99,9 +98,6 @@ def test_a_seed_gives_the_weights_and_losses_it_gave_before_the_adapter_list():
 def test_old_parameter_names_load_into_the_adapters():
     """A state dict of an older version (tok_emb, lm_head, patch_in, patch_out, t_emb, extra.k) loads with
     load_state_dict (the pre-hook maps the names: model/transfusion.py current_name)."""
-    from transfusion_mot.model.adapters import MODALITIES, ContinuousAdapter, register_modality
-    from transfusion_mot.model.transfusion import LEGACY_NAMES
-
     register_modality("frames_m", lambda dim: ContinuousAdapter(6, dim))
     try:
         model, _ = debug_model("model.extra_modalities=[frames_m]", seed=0)
