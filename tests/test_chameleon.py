@@ -90,7 +90,7 @@ def test_tied_mot_equals_dense_in_the_chameleon_setting():
     b = pack(token_examples(), 64, SPECIALS, patch_size=1)
     a, c = next_token.loss_parts(mot, b), next_token.loss_parts(dense, b)
     torch.testing.assert_close(a.lm_sum, c.lm_sum, rtol=1e-5, atol=1e-5)
-    assert mot.backbone.cfg.n_groups == 2 and mot.num_params() > dense.num_params()  # really untied groups
+    assert mot.backbone.n_groups == 2 and mot.num_params() > dense.num_params()  # really untied groups
 
 
 @pytest.mark.parametrize("cfg_scale,temperature", [(1.0, 0.0), (3.0, 0.0), (3.0, 1.0)])

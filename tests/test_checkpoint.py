@@ -142,7 +142,7 @@ def test_resume_verifies_and_falls_back(run4, tmp_path, capsys, damage, expect, 
 
 def test_resume_refuses_model_and_data_changes(run4, tmp_path):
     run = _copy(run4, tmp_path)
-    with pytest.raises(CheckpointError, match=r"model\.dim: 64 -> 32"):
+    with pytest.raises(CheckpointError, match=r"model\.backbone\.dim: 64 -> 32"):
         _resume(run, "model.dim=32")
     with pytest.raises(CheckpointError, match=r"global batch \(processes x data\.batch_size\): 1 x 4 -> 1 x 2.*"
                                               r"--allow-config-change"):
@@ -161,6 +161,42 @@ def test_resume_applies_allowed_and_optimizer_changes(run4, tmp_path, capsys):
     assert lrs[5] == pytest.approx(lr_at(5, cfg.optim, 6))  # the new schedule from the resumed step on
     state = json.loads((run / "checkpoints" / "step_000006" / "train_state.json").read_text())
     assert state["next_batch"] == 8 + 2  # 4 batches of 4 seen = 8 batches of 2; then 2 more steps
+
+
+def test_a_checkpoint_of_the_old_names_and_flat_config_resumes(run4, tmp_path, debug_vae, monkeypatch):
+    """Checkpoints written before issue 21 item 1 (parameters tok_emb, lm_head, patch_*, t_emb; flat backbone
+    keys and model.n_modalities in config.yaml) resume and continue exactly as today's do."""
+    from transfusion_mot.config import Config
+    from transfusion_mot.model.transfusion import LEGACY_NAMES
+
+    def old_name(key: str) -> str:
+        section, _, name = key.partition(".")
+        for old, new in LEGACY_NAMES:
+            if name.startswith(new):
+                return f"{section}.{old}{name[len(new):]}"
+        return key
+
+    def flat_dict(cfg) -> dict:
+        tree = new_dict(cfg)
+        tree["model"] = {**{k: v for k, v in tree["model"].items() if k != "backbone"}, **tree["model"]["backbone"],
+                         "n_modalities": 2}
+        return tree
+
+    new_tensors, new_dict = Snapshot.tensors, Config.to_dict
+    with monkeypatch.context() as m:  # the old writer: old names, flat config
+        m.setattr(Snapshot, "tensors", lambda self, **kw: {old_name(k): v for k, v in new_tensors(self, **kw).items()})
+        m.setattr(Config, "to_dict", flat_dict)
+        old_run = tmp_path / "old"
+        _train(old_run, "train.steps=4", "train.save_every=2", "train.ema_decay=0.9")
+    step4 = load_file(next((old_run / "checkpoints" / "step_000004" / "state").glob("*.safetensors")))
+    assert "model.tok_emb.weight" in step4 and "optim.lm_head.weight.exp_avg" in step4 and "ema.patch_out.bias" in step4
+    saved = (old_run / "checkpoints" / "step_000004" / "config.yaml").read_text()
+    assert "  n_layers: 2" in saved and "n_modalities: 2" in saved and "backbone" not in saved
+    _resume(old_run)
+    today = _copy(run4, tmp_path)
+    _resume(today)
+    losses = [[(r["step"], r["loss"]) for r in _rows(run) if "loss" in r and r["step"] > 4] for run in (old_run, today)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
 
 
 def _poison(monkeypatch, calls, grads: bool):

@@ -1,4 +1,6 @@
 """Bad configs stop with an error naming the key (one test per kind), and the override order."""
+from pathlib import Path
+
 import pytest
 
 from transfusion_mot.config import ConfigError, load_config
@@ -69,3 +71,59 @@ def test_every_shipped_config_loads():
 
     for f in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
         load_config(f)
+
+
+def test_backbone_shorthand_and_nested_form_give_equal_configs(tmp_path):
+    """``model.dim`` (flat, the shorthand) and ``model.backbone.dim`` fill the one nested BackboneConfig, in
+    YAML and on the command line, under a named size's defaults."""
+    flat, nested = tmp_path / "flat.yaml", tmp_path / "nested.yaml"
+    flat.write_text("model:\n  size: debug\n  arch: moe\n  n_layers: 3\n  norm_placement: pre\n  moe_experts: 2\n")
+    nested.write_text("model:\n  size: debug\n  arch: moe\n  backbone:\n    n_layers: 3\n    norm_placement: pre\n"
+                      "    moe_experts: 2\n")
+    a, b = load_config(flat, ["model.qk_norm=true"]), load_config(nested, ["model.backbone.qk_norm=true"])
+    assert a == b and a.model.backbone.n_layers == 3 and a.model.backbone.qk_norm is True
+    assert a.model.backbone.dim == 64 and a.model.dim == 64  # the size's default; the flat name reads it
+    assert "dim" not in a.to_dict()["model"] and a.to_dict()["model"]["backbone"]["n_layers"] == 3
+    assert load_config(nested, ["model.n_layers=5"]).model.backbone.n_layers == 5  # CLI beats YAML either way
+    assert load_config(flat, ["model.backbone.n_layers=5"]).model.backbone.n_layers == 5
+
+
+def test_backbone_key_given_both_ways_must_agree(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  dim: 64\n  backbone:\n    dim: 128\n")
+    with pytest.raises(ConfigError, match=r"model.dim=64 and model.backbone.dim=128 disagree in .*c.yaml"):
+        load_config(f)
+    with pytest.raises(ConfigError, match=r"model.n_heads=2 and model.backbone.n_heads=4 disagree in the overrides"):
+        load_config(None, ["model.n_heads=2", "model.backbone.n_heads=4"])
+    f.write_text("model:\n  dim: 64\n  backbone:\n    dim: 64\n")
+    assert load_config(f).model.backbone.dim == 64  # the same value twice is fine
+    with pytest.raises(ConfigError, match="unknown config key 'model.backbone.n_layer'; did you mean"):
+        load_config(None, ["model.backbone.n_layer=3"])
+
+
+def test_groups_and_experts_follow_from_arch_and_modalities():
+    """One place decides the backbone's layout: no group count a user sets that could disagree."""
+    from transfusion_mot.config import Config
+
+    m = Config().model
+    assert (m.n_modalities, m.n_groups, m.moe) == (2, 2, False)
+    m.extra_modalities = ("frames",)
+    assert (m.n_modalities, m.n_groups) == (3, 3)
+    m.arch = "dense"
+    assert (m.n_groups, m.moe) == (1, False)
+    m.arch = "moe"
+    assert (m.n_groups, m.moe) == (1, True)
+    with pytest.raises(ConfigError, match=r"model.n_modalities=3 but .* make 2"):
+        load_config(None, ["model.n_modalities=3"])  # older configs' key: accepted only where it agrees
+    assert load_config(None, ["model.n_modalities=2"]).model.n_groups == 2
+
+
+def test_a_saved_config_of_the_flat_layout_loads(tmp_path):
+    """Run dirs and exported folders written before the nesting (flat backbone keys, model.n_modalities)."""
+    from transfusion_mot.config import config_from_dict
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "debug.yaml", ["model.n_layers=3", "model.norm_placement=pre"])
+    old = cfg.to_dict()
+    old["model"] = {**{k: v for k, v in old["model"].items() if k != "backbone"}, **old["model"]["backbone"],
+                    "n_modalities": 2}
+    assert config_from_dict(old) == cfg == config_from_dict(cfg.to_dict())

@@ -62,7 +62,7 @@ def test_config_builds_packs_and_trains_a_step(path, assets_dir):
     loss = parts.total(cfg.flow.loss_weight, m.moe_aux_weight)
     loss.backward()
     assert torch.isfinite(loss) and parts.lm_count > 0 and batch.n_images == (0 if chameleon else 2)
-    emb = model.adapters[0].emb if chameleon else model.tok_emb
+    emb = model.adapters[0].emb  # the text adapter in both settings
     assert emb.weight.grad[specials.boi].abs().sum() > 0  # BOI is embedded and trained
 
 
@@ -95,7 +95,7 @@ def test_sampling_never_emits_the_padding_rows_of_the_lm_head():
 
     model, _ = debug_model()
     with torch.no_grad():
-        model.lm_head.weight[VOCAB:] = 10.0  # rows past the tokenizer would win every argmax
+        model.adapters[0].head.weight[VOCAB:] = 10.0  # rows past the tokenizer would win every argmax
     specials = replace(SPECIALS, vocab=VOCAB)
     for temperature in (0.0, 1.0):
         out = sample.generate_text(model.eval(), [[1, 2, 3]], specials, max_new_tokens=5, temperature=temperature)

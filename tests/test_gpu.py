@@ -41,7 +41,7 @@ def live_model(*overrides: str, device: str = "cpu"):
     """A debug model whose velocity head is not zero (it is zero-initialised for training)."""
     model, cfg = debug_model(*overrides)
     torch.manual_seed(1)
-    nn.init.normal_(model.patch_out.weight, std=0.05)
+    nn.init.normal_(model.adapters[1].out.weight, std=0.05)
     return model.to(device), cfg
 
 
@@ -105,7 +105,7 @@ def _compiled_vs_eager(device: str, arch: str, backend: str) -> None:
     eager = [block.forward for block in model.backbone.blocks]
     counter = CompileCounterWithBackend(backend)
     compile_blocks(model, backend=counter)
-    n_groups = model.backbone.cfg.n_groups
+    n_groups = model.backbone.n_groups
     for seed in (0, 1):  # (3, 128) batches of different documents: new group sizes
         batch = pack(mixed_examples(seed, 6), 128, SPECIALS, patch_size=2, n_rows=3).to(device)
         routing = Routing.from_modality(batch.modality, n_groups)

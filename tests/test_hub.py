@@ -141,3 +141,34 @@ def test_diffusers_codec_is_saved_with_save_pretrained(debug_run, tmp_path):
     assert local.codec.kind == "diffusers" and local.codec.path == str((folder / "vae").resolve())
     z = torch.randn(2, original.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(load_codec(local.codec).decode(z), original.decode(z))
+
+
+def _as_old_export(folder, out):
+    """A copy of an exported model folder in the format written before issue 21 item 1's refactor: the
+    backbone keys flat under ``model`` with ``model.n_modalities``, as the old ``config.to_dict()`` wrote, and
+    the weights under the old parameter names (tok_emb, patch_in, t_emb, lm_head, patch_out)."""
+    from safetensors.torch import load_file, save_file
+
+    from transfusion_mot.model.transfusion import LEGACY_NAMES
+
+    shutil.copytree(folder, out)
+    state = load_file(out / "model.safetensors")
+    for old, new in LEGACY_NAMES:
+        state = {(old + k[len(new):] if k.startswith(new) else k): v for k, v in state.items()}
+    assert "tok_emb.weight" in state and not any(k.startswith("adapters.") for k in state)
+    save_file(state, out / "model.safetensors")
+    tree = json.loads((out / "config.json").read_text())
+    tree["model"] = {**{k: v for k, v in tree["model"].items() if k != "backbone"}, **tree["model"]["backbone"],
+                     "n_modalities": 2}
+    (out / "config.json").write_text(json.dumps(tree, indent=2))
+    return out
+
+
+def test_a_folder_exported_in_the_old_format_still_loads(debug_run, tmp_path):
+    """Exported folders (and hub uploads) of older versions load with from_pretrained and generate the same
+    images as today's export of the same weights."""
+    old = _as_old_export(debug_run / "model", tmp_path / "old-model")
+    assert "dim" in json.loads((old / "config.json").read_text())["model"]
+    pipe = from_pretrained(old)
+    assert pipe.cfg.model == from_pretrained(debug_run).cfg.model
+    assert torch.equal(_images(pipe), _images(from_pretrained(debug_run)))

@@ -57,7 +57,7 @@ def test_backbone_converts_the_boolean_mask_once_and_computes_the_same():
     add = additive_mask(mask, torch.float32)
     assert torch.equal(add, torch.where(mask, 0.0, float("-inf")))
     torch.manual_seed(0)
-    bb = Backbone(BackboneConfig(dim=32, n_layers=2, n_heads=4, n_groups=2))
+    bb = Backbone(BackboneConfig(dim=32, n_layers=2, n_heads=4), n_groups=2)
     x = torch.randn(1, 14, 32)
     modality = (IMG >= 0).long()
     pos = torch.arange(14)[None]
@@ -139,7 +139,7 @@ def test_flex_backward_on_cpu_and_the_backbone_fallback():
         with pytest.raises(NotImplementedError):
             flex_attention(q, q, q, block_mask=block_mask)
     torch.manual_seed(0)
-    bb = Backbone(BackboneConfig(dim=32, n_layers=2, n_heads=4, n_groups=2))
+    bb = Backbone(BackboneConfig(dim=32, n_layers=2, n_heads=4), n_groups=2)
     x = torch.randn(1, 128, 32, requires_grad=True)
     modality, pos = (img >= 0).long(), torch.arange(128)[None]
     grads = []

@@ -25,7 +25,7 @@ TESTS = Path(__file__).resolve().parent
 def _moe(*overrides, seed: int = 0):
     model, cfg = debug_model("model.arch=moe", *overrides, seed=seed)
     torch.manual_seed(seed + 1)
-    nn.init.normal_(model.patch_out.weight, std=0.05)  # a live velocity head (it starts at zero)
+    nn.init.normal_(model.adapters[1].out.weight, std=0.05)  # a live velocity head (it starts at zero)
     return model, cfg
 
 
@@ -86,7 +86,7 @@ def test_expert_choice_flops_per_real_token_equal_dense():
 
 
 def _live(model):
-    nn.init.normal_(model.lm_head.weight, std=0.5)
+    nn.init.normal_(model.adapters[0].head.weight, std=0.5)
     return model.eval()
 
 

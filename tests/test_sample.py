@@ -17,7 +17,7 @@ def _live_debug_model(seed: int = 0):
     """A debug model whose velocity head is not zero (it is zero-initialised for training)."""
     model, cfg = debug_model(seed=seed)
     torch.manual_seed(seed + 1)
-    nn.init.normal_(model.patch_out.weight, std=0.05)
+    nn.init.normal_(model.adapters[1].out.weight, std=0.05)
     return model.eval(), cfg
 
 
@@ -127,7 +127,7 @@ def _greedy_uncached(model, prompt: list[int], n: int, banned) -> list[int]:
 
 def test_text_kv_cache_matches_recomputing():
     model, _ = _live_debug_model()
-    nn.init.normal_(model.lm_head.weight, std=0.5)
+    nn.init.normal_(model.adapters[0].head.weight, std=0.5)
     prompts = [[72, 105, 33], [1, 2, 3, 4, 5, 6, 7]]
     banned = (SPECIALS.boi, SPECIALS.eoi, SPECIALS.pad, SPECIALS.bos, SPECIALS.eos)
     cached = sample.generate_text(model, prompts, SPECIALS, max_new_tokens=6, min_new_tokens=6)

@@ -62,7 +62,7 @@ def test_frames_pack_as_a_third_modality_in_a_bidirectional_span():
 
 
 def test_debug_model_trains_two_steps_with_three_groups():
-    cfg = debug_config("model.n_modalities=3", "model.extra_modalities=[frames]")
+    cfg = debug_config("model.extra_modalities=[frames]")
     torch.manual_seed(0)
     model = build_model(cfg.model, VOCAB)
     groups = {name.split(".groups.")[1].split(".")[0] for name, _ in model.named_parameters() if ".groups." in name}
@@ -79,10 +79,10 @@ def test_debug_model_trains_two_steps_with_three_groups():
         if step == 1:  # (at step 0 the zero-initialised velocity head passes no gradient back, as for images)
             third = [p.grad for n, p in model.named_parameters() if ".groups.2." in n]
             assert third and all(g is not None and g.abs().sum() > 0 for g in third)  # frames reach their group
-            assert model.extra[0].out.weight.grad.abs().sum() > 0  # and their adapter's velocity head
+            assert model.adapters[2].out.weight.grad.abs().sum() > 0  # and their adapter's velocity head
         opt.step()
         losses.append(float(loss.detach()))
         assert int(parts.flow_count) == batch.flow_elements()
     assert all(torch.isfinite(torch.tensor(losses)))
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
-    assert any(".groups.2." in n for n in moved) and any(n.startswith("extra.0.") for n in moved)
+    assert any(".groups.2." in n for n in moved) and any(n.startswith("adapters.2.") for n in moved)

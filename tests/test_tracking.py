@@ -38,10 +38,10 @@ def test_debug_run_writes_scalars_hparams_images_and_a_text_log(tmp_path, debug_
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     (session,) = [p for p in tb.iterdir() if p.is_dir() and any(p.glob("events.out.tfevents.*"))]  # add_hparams'
-    assert "model.dim: 64" in next(tb.rglob("hparams.yml")).read_text()  # accelerate's copy, beside it
+    assert "model.backbone.dim: 64" in next(tb.rglob("hparams.yml")).read_text()  # accelerate's copy, beside it
     content = _events(session).PluginTagToContent("hparams")["_hparams_/session_start_info"]
     hp = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
-    assert hp["model.dim"].number_value == 64 and hp["train.report_to"].string_value == "tensorboard"
+    assert hp["model.backbone.dim"].number_value == 64 and hp["train.report_to"].string_value == "tensorboard"
     assert hp["codec.vae_channels"].string_value == str(cfg.codec.vae_channels)  # sequences as text
     log = (run / "train.log").read_text()
     assert "debug: mot model" in log and "step 2: loss " in log and "step 4: loss " in log

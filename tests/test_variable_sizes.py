@@ -31,7 +31,7 @@ def _docs() -> list[list]:
 def _live_model():
     model, cfg = debug_model("model.arch=mot")
     torch.manual_seed(1)
-    nn.init.normal_(model.patch_out.weight, std=0.05)  # a velocity head that reads its input (it starts at 0)
+    nn.init.normal_(model.adapters[1].out.weight, std=0.05)  # a velocity head that reads its input (it starts at 0)
     return model.eval(), cfg
 
 

@@ -22,14 +22,12 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelConfig:
-    size: str = ""  # a named size from model/sizes.py; its values are defaults for the keys below
-    # "transfusion": text tokens + continuous latents (LM + flow loss); "chameleon": text + discrete image
-    # tokens from a VQ tokenizer (codec.kind=vq), one next-token loss (model/chameleon.py)
-    setting: str = "transfusion"
-    arch: str = "mot"  # "mot" (per-modality weights) | "dense" | "moe" (MoE-4x feed-forward)
-    n_modalities: int = 2  # text, image (, plug-ins): MoT has one weight group per modality; = 2 + extras
-    extra_modalities: tuple = ()  # plug-in modalities by registered name (model/adapters.py), ids 2, 3, ...
+class BackboneConfig:
+    """The MoT backbone's shape (``model/mot.py``): ``model.backbone`` in a config. Its keys may also be
+    written flat under ``model`` (``model.dim=64``), the documented shorthand (``file_shorthand``). How many
+    weight groups it has and whether its feed-forward is MoE follow from ``model.arch`` and the modalities
+    (``ModelConfig.n_groups`` / ``ModelConfig.moe``), so they are not keys here."""
+
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -37,17 +35,69 @@ class ModelConfig:
     norm_placement: str = "post"  # "post" as in MoT Algorithm 1 | "pre"
     qk_norm: bool = False
     rope_theta: float = 10000.0
+    moe_experts: int = 4  # used when model.arch == "moe"
+    moe_routing: str = "expert_choice"  # "expert_choice" (MoT paper) | "token_choice" (top-1 + aux loss)
+    moe_capacity: float = 1.0  # expert choice: a document of n tokens fills capacity * n expert slots
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        """The SwiGLU width: ``ffn_dim``, or Llama's rule (``model/layers.py`` ffn_hidden_dim)."""
+        from .model.layers import ffn_hidden_dim
+
+        return self.ffn_dim or ffn_hidden_dim(self.dim)
+
+
+BACKBONE_KEYS = tuple(f.name for f in fields(BackboneConfig))
+
+
+@dataclass
+class ModelConfig:
+    size: str = ""  # a named size from model/sizes.py; its values are defaults for the keys below
+    # "transfusion": text tokens + continuous latents (LM + flow loss); "chameleon": text + discrete image
+    # tokens from a VQ tokenizer (codec.kind=vq), one next-token loss (model/chameleon.py)
+    setting: str = "transfusion"
+    arch: str = "mot"  # "mot" (per-modality weights) | "dense" | "moe" (MoE-4x feed-forward)
+    extra_modalities: tuple = ()  # plug-in modalities by registered name (model/adapters.py), ids 2, 3, ...
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # flat model.dim ... is the shorthand
     vocab_size: int = 0  # 0: the tokenizer's vocabulary (with the BOI/EOI/pad specials), rounded up to 64
     latent_channels: int = 0  # 0: the codec's (codec_geometry); set, it must agree with the codec's
     latent_size: int = 0  # latent height = width; 0: data.resolution / the codec's downsampling
     image_vocab_size: int = 0  # chameleon: rows of the image embedding / head; 0: the VQ codebook's size
     patch_size: int = 2
-    moe_experts: int = 4  # used when arch == "moe"
-    moe_routing: str = "expert_choice"  # "expert_choice" (MoT paper) | "token_choice" (top-1 + aux loss)
-    moe_capacity: float = 1.0
     moe_aux_weight: float = 0.01
     init_std: float = 0.02
     attention: str = "auto"  # "auto" (flex on CUDA, SDPA elsewhere) | "sdpa" | "flex"
+
+    # The one place the backbone's layout follows from the architecture and the modalities.
+    @property
+    def n_modalities(self) -> int:
+        """Text, image and the plug-ins: the adapters, and MoT's weight groups."""
+        return 2 + len(self.extra_modalities)
+
+    @property
+    def n_groups(self) -> int:
+        """Weight groups of the backbone: one per modality for MoT, one for dense and MoE."""
+        return self.n_modalities if self.arch == "mot" else 1
+
+    @property
+    def moe(self) -> bool:
+        """Whether the feed-forward is ``backbone.moe_experts`` experts (the MoE-4x baseline)."""
+        return self.arch == "moe"
+
+
+def _backbone_alias(name: str) -> property:
+    """``model.<name>`` reads and writes ``model.backbone.<name>`` (one value, two spellings)."""
+    return property(lambda self: getattr(self.backbone, name),
+                    lambda self, value: setattr(self.backbone, name, value),
+                    doc=f"model.backbone.{name} (the flat shorthand)")
+
+
+for _name in BACKBONE_KEYS:
+    setattr(ModelConfig, _name, _backbone_alias(_name))
 
 
 @dataclass
@@ -234,7 +284,8 @@ def _merge(node: Any, updates: dict, prefix: str) -> Any:
     for key, value in updates.items():
         full = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+            known = names + list(BACKBONE_KEYS) if isinstance(node, ModelConfig) else names  # the shorthand's too
+            close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key {full!r}{hint}")
         current = getattr(node, key)
@@ -245,6 +296,44 @@ def _merge(node: Any, updates: dict, prefix: str) -> Any:
         else:
             setattr(node, key, _coerce(value, hints[key], full))
     return node
+
+
+def file_shorthand(tree: dict, where: str = "") -> dict:
+    """``tree`` with the flat backbone keys under ``model`` (``model.dim``, the shorthand that YAML files,
+    CLI overrides and saved runs of older versions use) filed into ``model.backbone``. A key given both ways
+    with different values is an error naming it; ``where`` says which file or overrides gave it."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or not any(k in model for k in BACKBONE_KEYS):
+        return tree
+    model = dict(model)
+    nested = model.get("backbone", {})
+    if not isinstance(nested, dict):
+        raise ConfigError(f"model.backbone: expected a mapping of its keys, got {nested!r}")
+    nested, hints = dict(nested), typing.get_type_hints(BackboneConfig)
+    for key in BACKBONE_KEYS:
+        if key not in model:
+            continue
+        value = _coerce(model.pop(key), hints[key], f"model.{key}")  # a type error names the key as written
+        if key in nested and nested[key] != value:
+            raise ConfigError(f"model.{key}={value!r} and model.backbone.{key}={nested[key]!r} disagree"
+                              + (f" in {where}" if where else "") + "; give it once")
+        nested[key] = value
+    model["backbone"] = nested
+    return {**tree, "model": model}
+
+
+def _drop_group_count(tree: dict) -> dict:
+    """Saved runs of older versions (and their configs) carry ``model.n_modalities``; it now follows from
+    ``model.extra_modalities`` (``ModelConfig.n_modalities``), so it is accepted only where it agrees."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or "n_modalities" not in model:
+        return tree
+    model = dict(model)
+    given, extras = model.pop("n_modalities"), model.get("extra_modalities") or ()
+    if given != 2 + len(extras):
+        raise ConfigError(f"model.n_modalities={given!r} but text, image and model.extra_modalities={list(extras)} "
+                          f"make {2 + len(extras)}; the count follows from model.extra_modalities: drop the key")
+    return {**tree, "model": model}
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -299,7 +388,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    _deep_update(tree, parse_overrides(overrides or []))
+    tree = file_shorthand(tree, str(path) if path else "")
+    _deep_update(tree, file_shorthand(parse_overrides(overrides or []), "the overrides"))
+    tree = _drop_group_count(tree)
     model = tree.get("model") or {}
     size = model.get("size", "") if isinstance(model, dict) else ""
     fallback: dict = {}
@@ -310,7 +401,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                               + (f"; did you mean {close[0]!r}?" if close else ""))
         defaults = dict(SIZES[size])
         fallback = {k: defaults.pop(k) for k in LATENT_KEYS if k in defaults}
-        tree["model"] = {**defaults, **model}
+        tree["model"] = _deep_update(file_shorthand({"model": defaults})["model"], model)
     from .config_checks import derive_latent_shape, validate
 
     cfg = _merge(Config(), tree, "")
@@ -321,8 +412,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_dict(tree: dict) -> Config:
-    """Rebuild a saved (resolved) config, e.g. from a run directory."""
-    return _merge(Config(), tree, "")
+    """Rebuild a saved (resolved) config, e.g. from a run directory; older runs' flat backbone keys and
+    ``model.n_modalities`` are read as ``load_config`` reads them."""
+    return _merge(Config(), upgrade_saved(tree), "")
+
+
+def upgrade_saved(tree: dict) -> dict:
+    """A saved config tree in today's layout: the flat backbone keys of older runs filed into
+    ``model.backbone``, their ``model.n_modalities`` (now derived) dropped where it agrees."""
+    return _drop_group_count(file_shorthand(tree, "the saved config"))
 
 
 def replace(cfg: Config, **sections: dict) -> Config:

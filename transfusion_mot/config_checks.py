@@ -124,9 +124,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.patch_size={m.patch_size} does not divide model.latent_size={m.latent_size}")
     _check_codec_geometry(cfg)
     _check_buckets(cfg)
-    if m.n_modalities != 2 + len(m.extra_modalities):
-        raise ConfigError(f"model.n_modalities={m.n_modalities} but text, image and model.extra_modalities="
-                          f"{list(m.extra_modalities)} make {2 + len(m.extra_modalities)}")
     if m.extra_modalities and m.setting != "transfusion":
         raise ConfigError(f"model.extra_modalities={list(m.extra_modalities)} needs model.setting=transfusion")
     if m.arch == "moe" and m.moe_experts < 2:

@@ -301,8 +301,8 @@ def from_pretrained(path_or_hub_id: str | Path, device: str | torch.device | Non
     cfg, state = load_exported(model_dir)
     cfg = localize(cfg, model_dir)  # the folder's own tokenizer and codec
     tokenizer = prepare_tokenizer(cfg)
-    if not cfg.model.vocab_size and "tok_emb.weight" in state:  # the rows it was trained with (any rounding)
-        cfg.model.vocab_size = int(state["tok_emb.weight"].shape[0])
+    if not cfg.model.vocab_size and "adapters.0.emb.weight" in state:  # the rows it was trained with (any rounding)
+        cfg.model.vocab_size = int(state["adapters.0.emb.weight"].shape[0])
     model = build_model(cfg.model, tokenizer.vocab_size)
     try:
         model.load_state_dict(state)

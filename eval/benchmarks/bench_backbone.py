@@ -45,10 +45,8 @@ from transfusion_mot.components.flops import size_data
 from transfusion_mot.config import load_config
 from transfusion_mot.data.packing import IMAGE, Specials, pack
 from transfusion_mot.data.segments import Image, Text
-from transfusion_mot.model.layers import ffn_hidden_dim
 from transfusion_mot.model.masks import mask_from_batch
 from transfusion_mot.model.mot import Backbone
-from transfusion_mot.model.transfusion import backbone_config
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 SPECIALS = Specials(bos=256, eos=257, pad=258, boi=259, eoi=260)
@@ -166,14 +164,14 @@ def build(size: str, norm_placement: str, compile_backend: str | None = None) ->
     overrides = SHAPES[size][0] + SHAPE_MODEL if size in SHAPES else [f"model.size={size}", *size_data(size)]
     for arch in ("mot", "dense"):
         cfg = load_config(None, [*overrides, f"model.arch={arch}", f"model.norm_placement={norm_placement}"])
-        models[arch] = Backbone(backbone_config(cfg.model))
-    m = cfg.model
-    floor_shape = (m.dim, m.n_layers, m.n_heads, m.ffn_dim or ffn_hidden_dim(m.dim), m.rope_theta)
+        models[arch] = Backbone(cfg.model.backbone, cfg.model.n_groups, cfg.model.moe)
+    bb = cfg.model.backbone
+    floor_shape = (bb.dim, bb.n_layers, bb.n_heads, bb.hidden, bb.rope_theta)
     models["floor"] = Floor(*floor_shape)
     models["floor_mot"] = Floor(*floor_shape, groups=2)
     if compile_backend:
         for arch in ("mot", "dense"):
-            compiled = Backbone(models[arch].cfg)
+            compiled = Backbone(models[arch].cfg, models[arch].n_groups, models[arch].moe)
             compiled.load_state_dict(models[arch].state_dict())
             for block in compiled.blocks:  # as train.compile_blocks does
                 block.compile(backend=compile_backend, fullgraph=True, dynamic=None)

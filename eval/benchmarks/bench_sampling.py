@@ -46,7 +46,7 @@ def run(latent_size: int, images: int, steps: int, reps: int) -> list[dict]:
                              str(latent_size * 4), "data.seq_len=512"])
     torch.manual_seed(0)
     model = build_model(cfg.model, 261).eval()
-    torch.nn.init.normal_(model.patch_out.weight, std=0.02)
+    torch.nn.init.normal_(model.adapters[1].out.weight, std=0.02)
     prompts = [list(range(64)) for _ in range(images)]
     n_patches = (latent_size // cfg.model.patch_size) ** 2
     rows = []

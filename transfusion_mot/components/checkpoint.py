@@ -270,11 +270,26 @@ def load_checkpoint(engine, ckpt: Path, snap: Snapshot, with_ema: bool) -> dict:
     import torch.distributed.checkpoint as dcp
 
     flat = snap.tensors(with_ema=with_ema)
+    reader = dcp.HuggingFaceStorageReader(str(ckpt / "state"))
     with _one_process_quiet():
-        dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt / "state")), no_dist=not _distributed())
+        dcp.load(_stored_names(flat, reader), storage_reader=reader, no_dist=not _distributed())  # in place
     snap.load_tensors(flat)
     _read_rng(ckpt / "rng", engine.process_index)
     return json.loads((ckpt / "train_state.json").read_text())
+
+
+def _stored_names(flat: dict[str, torch.Tensor], reader) -> dict[str, torch.Tensor]:
+    """``flat`` under the names the checkpoint stores: today's, or an older version's parameter names
+    (``model.tok_emb.weight``, ``optim.lm_head.weight.exp_avg``; the map is ``model.transfusion.current_name``)."""
+    from ..model.transfusion import current_name
+
+    stored = reader.read_metadata().state_dict_metadata
+    old = {}
+    for key in stored:
+        section, _, name = key.partition(".")
+        if (new := f"{section}.{current_name(name)}") != key:
+            old[new] = key
+    return {old.get(k, k): v for k, v in flat.items()}
 
 
 @contextlib.contextmanager
@@ -332,8 +347,11 @@ def export_model(model: torch.nn.Module, config, out_dir: str | Path, parts=None
 
 
 def load_exported(model_dir: str | Path):
-    """(config, state_dict) of an exported model folder, with errors that name the missing file."""
+    """(config, state_dict) of an exported model folder, with errors that name the missing file. Folders of
+    older versions load too: their config through ``config_from_dict``, their parameter names mapped to
+    today's (``model.transfusion.current_name``)."""
     from ..config import config_from_dict
+    from ..model.transfusion import current_name
 
     model_dir = Path(model_dir)
     for name in ("config.json", "model.safetensors"):
@@ -341,5 +359,5 @@ def load_exported(model_dir: str | Path):
             raise FileNotFoundError(f"{model_dir / name} is missing: not an exported transfusion_mot model "
                                     f"(a run directory holds one in model/)")
     cfg = config_from_dict(json.loads((model_dir / "config.json").read_text()))
-    return cfg, load_file(model_dir / "model.safetensors")
+    return cfg, {current_name(k): v for k, v in load_file(model_dir / "model.safetensors").items()}
 

@@ -30,7 +30,6 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from ..config import ModelConfig, load_config
 from ..model import padded_vocab
-from ..model.layers import ffn_hidden_dim
 from ..model.sizes import SIZES
 
 TIMESTEP_FREQ_DIM = 256  # TimestepEmbedding's sinusoid width (model/layers.py)
@@ -50,15 +49,15 @@ def size_data(size: str) -> tuple[str, ...]:
 
 def active_matmul_params(cfg: ModelConfig) -> dict[str, float]:
     """Weights one token is multiplied by, per part: backbone, text head, image head (see module doc)."""
-    d = cfg.dim
-    hidden = cfg.ffn_dim or ffn_hidden_dim(d)
-    ffn = 3 * d * hidden  # SwiGLU: w1 and w3 (fused, D x 2H) and w2 (H x D)
-    if cfg.arch == "moe":
-        expert_choice = cfg.moe_routing == "expert_choice"
-        experts = cfg.moe_capacity if expert_choice else 1.0
+    bb = cfg.backbone
+    d = bb.dim
+    ffn = 3 * d * bb.hidden  # SwiGLU: w1 and w3 (fused, D x 2H) and w2 (H x D)
+    if cfg.moe:
+        expert_choice = bb.moe_routing == "expert_choice"
+        experts = bb.moe_capacity if expert_choice else 1.0
         routers = 2 if expert_choice else 1  # expert choice: the router and its causal predictor
-        ffn = routers * d * cfg.moe_experts + experts * ffn  # + the experts a token visits on average
-    backbone = cfg.n_layers * (4 * d * d + ffn)  # QKV (D x 3D) + output (D x D) + feed-forward
+        ffn = routers * d * bb.moe_experts + experts * ffn  # + the experts a token visits on average
+    backbone = bb.n_layers * (4 * d * d + ffn)  # QKV (D x 3D) + output (D x D) + feed-forward
     patch_dim = cfg.latent_channels * cfg.patch_size ** 2
     n_patches = (cfg.latent_size // cfg.patch_size) ** 2
     t_mlp = TIMESTEP_FREQ_DIM * d + d * d  # once per image
@@ -82,7 +81,7 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True,
         raise ValueError(f"seq_len={seq_len} must be >= 1")
     p = active_matmul_params(cfg)
     weights = p["backbone"] + text_fraction * p["text_head"] + (1.0 - text_fraction) * p["image_head"]
-    forward = 2.0 * weights + 4.0 * cfg.n_layers * cfg.dim * seq_len
+    forward = 2.0 * weights + 4.0 * cfg.backbone.n_layers * cfg.backbone.dim * seq_len
     return 3.0 * forward if training else forward
 
 

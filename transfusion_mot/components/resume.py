@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..config import upgrade_saved
 from .checkpoint import (CheckpointError, Snapshot, TrainState, list_checkpoints, load_checkpoint, read_manifest,
                          save_checkpoint, verify)
 from .parallel import local
@@ -66,7 +67,7 @@ class Checkpointer:
             return
         meta = json.loads((ckpt / "train_state.json").read_text())
         saved_cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
-        changes = config_changes(saved_cfg, cfg.to_dict(), meta, self.layout())
+        changes = config_changes(upgrade_saved(saved_cfg), cfg.to_dict(), meta, self.layout())
         check_resume_config(ckpt, changes, cfg.train.allow_config_change)
         with_ema = bool(meta.get("ema")) and snap.ema is not None
         load_checkpoint(engine, ckpt, snap, with_ema)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import ModelConfig
+from ..config import BackboneConfig, ModelConfig
 from .chameleon import Chameleon, TokenOutputs
 from .modality import PerModality, Routing, untie_from_dense
-from .mot import Backbone, BackboneConfig, KVCache
+from .mot import Backbone, KVCache
 from .sizes import SIZES
 from .transfusion import Outputs, Transfusion
 

@@ -3,10 +3,9 @@
 A discrete modality (text, VQ image codes) brings an embedding and a head with a softmax over its own
 vocabulary; its loss is next-token cross-entropy (``next_token.py``). A continuous one brings a linear
 map in, a timestep embedding of its flow time and a zero-initialised linear map out (the velocity); its
-loss is the flow loss (``flow.py``). The image modality of the Transfusion setting keeps its own
-patch in/out inside ``transfusion.py`` (parameter names of saved runs); further modalities are
-plug-ins: ``register_modality(name, make)`` and ``model.extra_modalities=[name]`` give them ids 2, 3, ...
-and a MoT group each.
+loss is the flow loss (``flow.py``). The Transfusion model holds text (id 0, discrete) and image (id 1,
+continuous patches) adapters; further modalities are plug-ins: ``register_modality(name, make)`` and
+``model.extra_modalities=[name]`` give them ids 2, 3, ... and a MoT group each.
 """
 from __future__ import annotations
 
@@ -73,8 +72,13 @@ class ContinuousAdapter(nn.Module):
     def reset_output(self) -> None:
         nn.init.zeros_(self.out.weight)  # predict zero velocity at the start (DiT's final layer)
 
-    def embed(self, values: torch.Tensor, time: torch.Tensor) -> torch.Tensor:  # (N, d), (N,) -> (N, D)
-        return self.inp(values) + self.t_emb(time).to(values.dtype)
+    def embed(self, values: torch.Tensor, time: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, d) vectors at flow times ``time`` -> (N, D). ``time`` is (N,) per vector, or (S,) per span of
+        ``counts`` (S,) vectors (an image's patches): the timestep MLP then runs once per span."""
+        t_emb = self.t_emb(time).to(values.dtype)
+        if counts is not None:
+            t_emb = t_emb.repeat_interleave(counts, dim=0, output_size=values.shape[0])
+        return self.inp(values) + t_emb
 
     def predict(self, h: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, d)
         return self.out(h)

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from .adapters import DiscreteAdapter
 from .mot import Backbone, KVCache
-from .transfusion import Transfusion, backbone_config
+from .transfusion import Transfusion
 
 
 
@@ -47,9 +47,9 @@ class Chameleon(nn.Module):
             raise ValueError(f"model.vocab_size={cfg.vocab_size} and model.image_vocab_size={cfg.image_vocab_size} "
                              "must be set (build_model fills the first from the tokenizer, the config the second)")
         self.cfg = cfg
-        self.adapters = nn.ModuleList([DiscreteAdapter(cfg.vocab_size, cfg.dim),
-                                       DiscreteAdapter(cfg.image_vocab_size, cfg.dim)])
-        self.backbone = Backbone(backbone_config(cfg))
+        self.adapters = nn.ModuleList([DiscreteAdapter(cfg.vocab_size, cfg.backbone.dim),
+                                       DiscreteAdapter(cfg.image_vocab_size, cfg.backbone.dim)])
+        self.backbone = Backbone(cfg.backbone, cfg.n_groups, cfg.moe)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

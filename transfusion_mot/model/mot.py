@@ -10,38 +10,15 @@ Norm placement ``pre`` (Llama style):               H = X + O(attn(QKV(Norm_attn
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import RMSNorm, Rotary, SwiGLU, apply_rotary, ffn_hidden_dim
+from ..config import BackboneConfig
+from .layers import RMSNorm, Rotary, SwiGLU, apply_rotary
 from .masks import additive_mask, dense_mask, flex_backward_runs, is_block_mask
 from .modality import PerModality, Routing
-
-
-@dataclass
-class BackboneConfig:
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    ffn_dim: int = 0  # 0: Llama's 8/3 * dim rule
-    n_groups: int = 2  # modality groups with their own weights (1 = dense)
-    norm_placement: str = "post"  # "post" (MoT Algorithm 1) | "pre"
-    qk_norm: bool = False
-    rope_theta: float = 10000.0
-    moe_experts: int = 0  # >0: MoE feed-forward with this many experts (the MoE-4x baseline)
-    moe_routing: str = "expert_choice"  # "expert_choice" | "token_choice" (top-1 + load-balancing loss)
-    moe_capacity: float = 1.0  # expert-choice capacity factor: a document of n tokens fills capacity * n expert slots
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def hidden(self) -> int:
-        return self.ffn_dim or ffn_hidden_dim(self.dim)
 
 
 class KVCache:
@@ -193,13 +170,13 @@ def expert_choice(probs: torch.Tensor, segments: torch.Tensor, capacity: float) 
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: BackboneConfig, layer: int):
+    def __init__(self, cfg: BackboneConfig, layer: int, n_groups: int = 1, moe: bool = False):
         super().__init__()
         self.layer, self.n_heads, self.dim = layer, cfg.n_heads, cfg.dim
-        g = cfg.n_groups
+        g = n_groups
         self.qkv = PerModality(lambda: QKV(cfg), g)
         self.out = PerModality(lambda: Sublayer(nn.Linear(cfg.dim, cfg.dim, bias=False), cfg, norm_input=False), g)
-        if cfg.moe_experts:
+        if moe:
             if g != 1:
                 raise ValueError("MoE feed-forward is a dense-attention baseline: use n_groups=1")
             self.ffn = Sublayer(MoEFeedForward(cfg), cfg, norm_input=True)
@@ -245,14 +222,18 @@ def _compiled_flex():
 
 
 class Backbone(nn.Module):
-    """Blocks + a per-modality final norm. Input and output (B, T, D)."""
+    """Blocks + a per-modality final norm. Input and output (B, T, D).
 
-    def __init__(self, cfg: BackboneConfig):
+    ``n_groups`` weight groups (1: dense) and ``moe`` (the MoE-4x feed-forward, one group) are given by the
+    model (``ModelConfig.n_groups`` / ``.moe``, which follow from model.arch and the modalities), not by
+    ``cfg``, the shape a user sets."""
+
+    def __init__(self, cfg: BackboneConfig, n_groups: int = 1, moe: bool = False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.n_groups, self.moe = cfg, n_groups, moe
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = PerModality(lambda: RMSNorm(cfg.dim), cfg.n_groups)
+        self.blocks = nn.ModuleList(Block(cfg, i, n_groups, moe) for i in range(cfg.n_layers))
+        self.norm = PerModality(lambda: RMSNorm(cfg.dim), n_groups)
         self.checkpointing = False  # activation checkpointing per block (set by the trainer)
 
     def forward(self, x, modality, position, mask, cache: KVCache | None = None,
@@ -260,7 +241,7 @@ class Backbone(nn.Module):
         """x (B, T, D) -> (B, T, D). Between the layers the residual stream is one tensor per group.
         ``doc_id`` (B, T), -1 on padding (None: each row one document), is read by MoE routing only."""
         b, t, d = x.shape
-        routing = Routing.from_modality(modality, self.cfg.n_groups)  # once per batch, for every layer
+        routing = Routing.from_modality(modality, self.n_groups)  # once per batch, for every layer
         rope = self.rotary(position)
         if is_block_mask(mask) and torch.is_grad_enabled() and not flex_backward_runs(x.device.type):
             if x.requires_grad or any(p.requires_grad for p in self.parameters()):
@@ -268,7 +249,7 @@ class Backbone(nn.Module):
         if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:  # SDPA would convert it in every layer
             mask = additive_mask(mask, x.dtype)
         xs = routing.split(x.reshape(b * t, d))
-        segments = document_segments(doc_id, (b, t), x.device) if self.cfg.moe_experts else None
+        segments = document_segments(doc_id, (b, t), x.device) if self.moe else None
         for block in self.blocks:
             routing.mark_dynamic(xs)
             if self.checkpointing and self.training and cache is None:

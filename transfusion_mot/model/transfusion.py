@@ -1,6 +1,7 @@
-"""The Transfusion model: text ids and noised latent patches in one sequence, one MoT backbone, an LM
-head on text positions and a velocity head on image positions. The network only predicts; noising,
-targets and losses live in flow.py.
+"""The Transfusion model: text ids and noised latent patches in one sequence, one MoT backbone, and a
+per-modality adapter list (``adapters.py``): text's embedding + LM head on text positions, the image's
+patch in / timestep embedding / velocity head on image positions, plug-ins' own. The network only predicts;
+noising, targets and losses live in flow.py.
 """
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from .adapters import build_adapter
+from .adapters import ContinuousAdapter, DiscreteAdapter, build_adapter
 from .inputs import IMAGE, TEXT, ModelInput
-from .layers import TimestepEmbedding, patch_counts
+from .layers import patch_counts
 from .masks import flex_block_mask, mask_from_batch
-from .mot import Backbone, BackboneConfig, KVCache
+from .mot import Backbone, KVCache
 
 
 @dataclass
@@ -27,71 +28,108 @@ class Outputs:
     values: dict[int, torch.Tensor] = field(default_factory=dict)  # plug-in m -> (N_m, d_m) velocities
 
 
-def backbone_config(cfg: ModelConfig) -> BackboneConfig:
-    return BackboneConfig(
-        dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim,
-        n_groups=2 + len(cfg.extra_modalities) if cfg.arch == "mot" else 1, norm_placement=cfg.norm_placement,
-        qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta,
-        moe_experts=cfg.moe_experts if cfg.arch == "moe" else 0, moe_routing=cfg.moe_routing,
-        moe_capacity=cfg.moe_capacity,
-    )
+# Parameter names before the modalities became one adapter list (issue 21): saved runs, exported folders and
+# checkpoints of older versions use them; ``current_name`` maps them, in this one place.
+LEGACY_NAMES = (("tok_emb.", "adapters.0.emb."), ("lm_head.", "adapters.0.head."), ("patch_in.", "adapters.1.inp."),
+                ("t_emb.", "adapters.1.t_emb."), ("patch_out.", "adapters.1.out."))
+
+
+def current_name(name: str) -> str:
+    """A parameter / buffer name of an older Transfusion model -> today's (``extra.k.`` -> ``adapters.2+k.``);
+    today's names pass unchanged."""
+    for old, new in LEGACY_NAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    if name.startswith("extra."):
+        k, rest = name[len("extra."):].split(".", 1)
+        return f"adapters.{2 + int(k)}.{rest}"
+    return name
+
+
+def _upgrade_names(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: an older model's keys renamed in place (``current_name``)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        new = prefix + current_name(key[len(prefix):])
+        if new != key:
+            state_dict[new] = state_dict.pop(key)
 
 
 class Transfusion(nn.Module):
-    _embedding_names = ("tok_emb", "lm_head")  # left out of num_params(embeddings=False)
+    """``adapters[m]`` brings modality m in and out of the backbone: text (0) a DiscreteAdapter (embedding +
+    LM head), image (1) a ContinuousAdapter (patch in / out + timestep embedding), plug-ins 2, 3, ... their
+    registered adapters; ``embed`` and ``heads`` run one loop over them."""
+
+    _embedding_names = ("adapters.0.",)  # the text embedding and LM head: left out of num_params(embeddings=False)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size must be set (build_model fills it from the tokenizer)")
         self.cfg = cfg
+        dim = cfg.backbone.dim
         patch_dim = cfg.latent_channels * cfg.patch_size ** 2
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.patch_in = nn.Linear(patch_dim, cfg.dim)
-        self.t_emb = TimestepEmbedding(cfg.dim)
-        self.backbone = Backbone(backbone_config(cfg))
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.patch_out = nn.Linear(cfg.dim, patch_dim)
-        # plug-in modalities 2, 3, ... (model.extra_modalities), built by name from adapters.MODALITIES
-        self.extra = nn.ModuleList(build_adapter(name, cfg.dim) for name in cfg.extra_modalities)
+        self.adapters = nn.ModuleList([DiscreteAdapter(cfg.vocab_size, dim), ContinuousAdapter(patch_dim, dim),
+                                       *(build_adapter(name, dim) for name in cfg.extra_modalities)])
+        self.backbone = Backbone(cfg.backbone, cfg.n_groups, cfg.moe)
+        self.register_load_state_dict_pre_hook(_upgrade_names)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters():  # the order below: a seed gives the weights it always gave
             if p.dim() == 2:
                 nn.init.normal_(p, std=std)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
-        nn.init.zeros_(self.patch_out.weight)  # start by predicting zero velocity (DiT's final layer)
-        for adapter in self.extra:
-            getattr(adapter, "reset_output", lambda: None)()
+        for adapter in self.adapters:
+            getattr(adapter, "reset_output", lambda: None)()  # image: start by predicting zero velocity (DiT)
+
+    # The parameters' order before the adapter list: text embedding, patch in, timestep MLP, backbone, LM
+    # head, patch out, plug-ins. Initialisation draws in it and the gradient norm (clipping) sums in it, so
+    # a seed trains bit for bit as it did; the state dict keeps the modules' own order.
+    _ORDER = ("adapters.0.emb.", "adapters.1.inp.", "adapters.1.t_emb.", "backbone.", "adapters.0.head.",
+              "adapters.1.out.")
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        items = list(super().named_parameters(prefix, recurse, remove_duplicate))
+        cut = len(prefix) + 1 if prefix else 0
+
+        def rank(item) -> int:
+            local = item[0][cut:]
+            return next((i for i, start in enumerate(self._ORDER) if local.startswith(start)), len(self._ORDER))
+
+        return iter(sorted(items, key=rank))  # stable: the modules' order within each part
 
     # -- the three stages of forward, public so that sampling can run them with a KV cache --
     def embed(self, batch: ModelInput) -> torch.Tensor:
-        """(B, T, D): token embeddings, with patch + timestep embeddings written at image positions."""
-        x = self._embed_extra(self.tok_emb(batch.tokens), batch)
-        if batch.n_images == 0:
-            return x
-        n_patches = batch.patches.shape[0]
-        img_idx = (batch.modality == IMAGE).reshape(-1).nonzero().squeeze(1)
-        if img_idx.numel() != n_patches:
-            raise ValueError(f"batch has {img_idx.numel()} image positions but {n_patches} latent patches")
-        counts = patch_counts(batch.image_shape, self.cfg.patch_size)  # (N,) each image's own size
-        t_emb = self.t_emb(batch.t).to(x.dtype).repeat_interleave(counts, dim=0, output_size=n_patches)  # (P, D)
-        patches = self.patch_in(batch.patches.to(x.dtype)) + t_emb  # (P, D)
-        b, t, d = x.shape
-        return x.reshape(b * t, d).index_copy(0, img_idx, patches).reshape(b, t, d)
+        """(B, T, D): each position embedded by its modality's adapter (discrete ids, or continuous vectors
+        with their flow time)."""
+        b, t = batch.tokens.shape
+        flat_mod = batch.modality.reshape(-1)
+        x = None
+        for m, adapter in enumerate(self.adapters):
+            idx = (flat_mod == m).nonzero().squeeze(1)
+            if adapter.kind == "discrete":
+                emb = adapter.embed(batch.tokens.reshape(-1)[idx])  # (N_m, D)
+            elif idx.numel():
+                values, time, counts = self._continuous(m, batch)
+                if idx.numel() != values.shape[0]:
+                    raise ValueError(f"batch has {idx.numel()} positions of modality {m} but {values.shape[0]} "
+                                     f"continuous inputs")
+                args = (values.to(x.dtype), time) if counts is None else (values.to(x.dtype), time, counts)
+                emb = adapter.embed(*args).to(x.dtype)  # (N_m, D)
+            else:
+                continue
+            x = emb.new_zeros(b * t, emb.shape[-1]) if x is None else x
+            x = x.index_copy(0, idx, emb)
+        return x.reshape(b, t, -1)
 
-    def _embed_extra(self, x: torch.Tensor, batch: ModelInput) -> torch.Tensor:
-        """Plug-in modality m = 2 + k: adapter k embeds ``batch.values[m]`` at times ``batch.time[m]``."""
-        b, t, d = x.shape
-        for k, adapter in enumerate(self.extra):
-            idx = (batch.modality == 2 + k).reshape(-1).nonzero().squeeze(1)
-            if idx.numel():
-                emb = adapter.embed(batch.values[2 + k].to(x.dtype), batch.time[2 + k])  # (N_m, D)
-                x = x.reshape(b * t, d).index_copy(0, idx, emb.to(x.dtype)).reshape(b, t, d)
-        return x
+    def _continuous(self, m: int, batch: ModelInput):
+        """(values, time, counts) of continuous modality m: the image's flat patches with one time per image
+        (``counts``: its patches), a plug-in's vectors with one time per position (counts None)."""
+        if m == IMAGE:
+            return batch.patches, batch.t, patch_counts(batch.image_shape, self.cfg.patch_size)
+        return batch.values[m], batch.time[m], None
 
     def uses_flex(self, device: torch.device) -> bool:
         """``model.attention``: flex, or auto on CUDA (else SDPA with a boolean mask)."""
@@ -103,15 +141,20 @@ class Transfusion(nn.Module):
         return mask_from_batch(batch.doc_id, batch.image_id)
 
     def heads(self, h: torch.Tensor, batch: ModelInput) -> Outputs:
+        """A discrete modality's logits at its non-padding positions, a continuous one's prediction (the
+        velocity) at all of its positions; the text logits and the image velocity fill ``Outputs``."""
         b, t, d = h.shape
-        flat = h.reshape(b * t, d)
-        text_index = ((batch.modality == TEXT) & (batch.doc_id >= 0)).reshape(-1).nonzero().squeeze(1)
-        logits = self.lm_head(flat[text_index])
-        img_idx = (batch.modality == IMAGE).reshape(-1).nonzero().squeeze(1)
-        velocity = self.patch_out(flat[img_idx])  # (P, C*p*p), image after image like batch.patches
-        values = {2 + k: adapter.predict(flat[(batch.modality == 2 + k).reshape(-1)])  # (N_m, d_m)
-                  for k, adapter in enumerate(self.extra)}
-        return Outputs(logits, text_index, velocity, h, self.backbone.aux_loss().to(h.device), values)
+        flat, flat_mod = h.reshape(b * t, d), batch.modality.reshape(-1)
+        logits, index, values = {}, {}, {}
+        for m, adapter in enumerate(self.adapters):
+            at = flat_mod == m
+            if adapter.kind == "discrete":
+                index[m] = (at & (batch.doc_id.reshape(-1) >= 0)).nonzero().squeeze(1)
+                logits[m] = adapter.logits(flat[index[m]])  # (N_m, V_m)
+            else:
+                values[m] = adapter.predict(flat[at.nonzero().squeeze(1)])  # (N_m, d_m), in sequence order
+        velocity = values.pop(IMAGE)  # (P, C*p*p), image after image like batch.patches
+        return Outputs(logits[TEXT], index[TEXT], velocity, h, self.backbone.aux_loss().to(h.device), values)
 
     def forward(self, batch: ModelInput, mask=None, cache: KVCache | None = None) -> Outputs:
         """``batch.patches`` are the (noised) model inputs, image i at time ``batch.t[i]``."""
@@ -131,7 +174,7 @@ class Transfusion(nn.Module):
             if active and ".groups." in name:
                 n //= len(self._group_list(name))
             if active and ".experts." in name:
-                n //= self.cfg.moe_experts
+                n //= self.cfg.backbone.moe_experts
             total += n
         return total
 
