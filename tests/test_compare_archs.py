@@ -51,6 +51,8 @@ def test_smoke_writes_plot_table_and_headline(tmp_path, capsys):
         assert 0 <= r["final"]["prompt_following"] <= 1
     md = (tmp_path / "compare_archs.md").read_text()
     assert record["commit"] in md and "--smoke" in md and "dense's final image loss" in md
+    trained_at = {c for r in runs.values() for c in r["commits"]}  # the code that trained them, recorded per run
+    assert len(trained_at) == 1 and f"Runs trained at commit(s): `{trained_at.pop()[:12]}`" in md
 
     # Re-running trains nothing: every run is finished, the results are rebuilt from the run dirs.
     (tmp_path / "compare_archs.json").unlink()
@@ -64,7 +66,7 @@ def test_smoke_writes_plot_table_and_headline(tmp_path, capsys):
     both = json.loads((tmp_path / "compare_archs.json").read_text())["settings"]
     assert set(both) == {"shapes/pre-norm", "shapes/post-norm"}
     placements = {key: yaml.safe_load((tmp_path / "runs" / "shapes" / key.split("/")[1][:-5] / "dense-s0" /
-                                       "config.yaml").read_text())["model"]["norm_placement"] for key in both}
+                                       "config.yaml").read_text())["model"]["backbone"]["norm_placement"] for key in both}
     assert placements == {"shapes/pre-norm": "pre", "shapes/post-norm": "post"}
     assert both["shapes/pre-norm"]["runs"][0]["final"] != both["shapes/post-norm"]["runs"][0]["final"]
 

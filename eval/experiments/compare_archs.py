@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py, shared by every eval script
-from common import REPO, RESULTS, write_results
+from common import REPO, RESULTS, commit, write_results
 from compare_archs_report import PAIR, image_key, markdown, plot
 
 from transfusion_mot.components.flops import model_flops_per_token
@@ -49,7 +49,9 @@ NAME = "compare_archs"
 NORMS = ("post", "pre")  # model.norm_placement: Algorithm 1's post-sublayer norm, and pre-norm
 ARMS = ("dense", "mot", "moe", "dense_large")
 N_EVALS = 6  # validation points per run (the curves)
-WALL = "compare_wall.json"  # wall-clock and CPU seconds in train() for this run, summed over resumed invocations
+WALL = "compare_wall.json"  # wall-clock and CPU seconds in train() for this run, summed over resumed invocations,
+# and the commit(s) of the code that trained it
+CODE = commit()  # what this process imported: the results file is written later, maybe at a newer HEAD
 
 # Default steps per setting, sized from runs measured on the shared 2-core CPU (a dense shapes run:
 # ~0.7 s/step, 64 prompts x 25 sampling steps = 151 s, a 64-pair validation ~14 s, all at load 5-7;
@@ -89,6 +91,7 @@ class Run:
     tokens_per_step: float
     wall_s: float
     cpu_s: float
+    commits: list[str] = field(default_factory=list)  # the code that trained it (more than one if resumed across)
     curve: list[dict] = field(default_factory=list)  # step, flops, val_flow, val_lm, val_ppl, val_caption_nll
     final: dict = field(default_factory=dict)  # results.json of the run
 
@@ -181,7 +184,8 @@ def train_run(cfg: Config, run_dir: Path) -> None:
     finally:
         spent = json.loads(partial.read_text()) if partial.exists() else {"seconds": 0.0, "cpu_seconds": 0.0}
         spent = {"seconds": spent["seconds"] + time.perf_counter() - t0,
-                 "cpu_seconds": spent["cpu_seconds"] + time.process_time() - c0}
+                 "cpu_seconds": spent["cpu_seconds"] + time.process_time() - c0,
+                 "commits": sorted({*spent.get("commits", []), CODE})}
         run_dir.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(spent))
         if (run_dir / "results.json").exists():  # finished: the totals are final
@@ -224,8 +228,8 @@ def read_run(cfg: Config, setting: str, arm: str, run_dir: Path, stats: tuple[fl
              for r in rows if keys[0] in r]
     spent = json.loads((run_dir / WALL).read_text())
     return Run(setting, arm, cfg.model.arch, cfg.train.seed, cfg.train.steps, model.num_params(),
-               model.num_params(active=True), fpt, tokens_per_step, spent["seconds"], spent["cpu_seconds"], curve,
-               json.loads((run_dir / "results.json").read_text()))
+               model.num_params(active=True), fpt, tokens_per_step, spent["seconds"], spent["cpu_seconds"],
+               spent.get("commits", []), curve, json.loads((run_dir / "results.json").read_text()))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -92,6 +92,13 @@ CHAMELEON_NOTE = ("Chameleon setting: text and the shapes images' VQ codes (one 
                   "loss (`val_lm`) the held-out captions' next-token loss.")
 
 
+def _trained_at(runs: dict[str, list[Run]]) -> str:
+    """Which code trained the runs (the commit above is the one that wrote this file)."""
+    commits = sorted({c for rs in runs.values() for r in rs for c in r.commits})
+    shown = ", ".join(f"`{c[:12]}`" for c in commits) if commits else "not recorded (runs from before it was)"
+    return f"Runs trained at commit(s): {shown}."
+
+
 def markdown(runs: dict[str, list[Run]], heads: dict[str, dict], skipped: dict[str, str], name: str) -> str:
     chameleon = any(image_key(s) == "val_image_nll" for s in runs)
     lines = ["# MoT vs dense vs MoE-4x at equal FLOPs per token (small scale"
@@ -102,7 +109,7 @@ def markdown(runs: dict[str, list[Run]], heads: dict[str, dict], skipped: dict[s
              "attention, `components/flops.py`) x tokens seen (examples x estimated tokens per example). "
              "Wall-clock and CPU time (all threads; a busy machine inflates the first, not the second) "
              "include the runs' periodic validation and final sampling.", "", MOE_NOTE, "",
-             *([CHAMELEON_NOTE, ""] if chameleon else []), f"![curves]({name}.png)", ""]
+             *([CHAMELEON_NOTE, ""] if chameleon else []), _trained_at(runs), "", f"![curves]({name}.png)", ""]
     for setting, note in skipped.items():
         lines += [f"**{setting}: skipped** ({note})", ""]
     for setting, rs in runs.items():
