@@ -86,3 +86,19 @@ def test_debug_model_trains_two_steps_with_three_groups():
     assert all(torch.isfinite(torch.tensor(losses)))
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert any(".groups.2." in n for n in moved) and any(n.startswith("adapters.2.") for n in moved)
+
+
+def test_a_plug_in_span_gets_the_same_noise_in_any_batch():
+    """Keyed by the example (its data position), not by where its span lands in a batch."""
+    cfg = debug_config("model.extra_modalities=[frames]")
+    ex = _examples()
+    alone = pack([ex[0]], 128, SPECIALS, patch_size=2, extra_modalities=("frames",), example_keys=[17])
+    behind = pack([ex[2], ex[1], ex[0]], 256, SPECIALS, patch_size=2, extra_modalities=("frames",),
+                  example_keys=[3, 4, 17])
+    _, t_a, noise_a = flow._noise_values(alone, cfg.flow, seed=0)
+    _, t_b, noise_b = flow._noise_values(behind, cfg.flow, seed=0)
+    n = alone.values[2].shape[0]  # example 17's frames come last in the second batch
+    torch.testing.assert_close(noise_a[2], noise_b[2][-n:], rtol=0, atol=0)
+    torch.testing.assert_close(t_a[2], t_b[2][-n:], rtol=0, atol=0)
+    other = pack([ex[0]], 128, SPECIALS, patch_size=2, extra_modalities=("frames",), example_keys=[18])
+    assert not torch.equal(flow._noise_values(other, cfg.flow, seed=0)[2][2], noise_a[2])  # another example: other noise
