@@ -39,6 +39,17 @@ class Evaluator:
         self.run_dir = Path(run_dir)
         self.accelerator = accelerator
         self._pairs: list[Pair] | None = None
+        self._noted_plug_ins = False
+
+    def _note_plug_ins(self) -> None:
+        """Validation and sampling know text and images; a run with plug-in modalities says once that
+        theirs are trained (their flow loss is in ``loss_flow``) but not evaluated or sampled here."""
+        extra = list(self.cfg.model.extra_modalities)
+        if extra and not self._noted_plug_ins and self.is_main:
+            say = self.accelerator.print if self.accelerator is not None else print
+            say(f"evaluation: plug-in modalities {extra} are trained (in loss_flow) but validation, sampling and "
+                f"prompt-following cover text and images only; their segments are left out")
+        self._noted_plug_ins = True
 
     @property
     def is_main(self) -> bool:
@@ -59,6 +70,7 @@ class Evaluator:
 
     def validation(self, model) -> dict:
         out = {}
+        self._note_plug_ins()
         if self.is_main and self.cfg.model.setting == "chameleon":
             from .metrics.validation import next_token_validation
 
@@ -76,6 +88,7 @@ class Evaluator:
         from .sample import generate_images
 
         result = {}
+        self._note_plug_ins()
         if self.is_main:
             n = n or (16 if quick else self.cfg.eval.n_prompts)
             prompts = held_out_prompts(self.cfg, n)
