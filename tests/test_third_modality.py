@@ -109,7 +109,8 @@ N_FRAMES = 4  # frames per record: 4 vectors + BOI / EOI in every document
 
 class FramesShapes(torch.utils.data.Dataset):
     """A user's source: the shapes scenes, each with a short "sound" (frames of a sine wave whose pitch
-    follows the record index) attached as a plug-in segment (``Record.extras``)."""
+    follows the record index) attached as a plug-in segment (``Record.extras``); every third record is
+    sound and caption only (no image), as a speech record would be."""
 
     def __init__(self, data, split: str):
         from transfusion_mot.data.shapes import ShapesDataset
@@ -124,7 +125,7 @@ class FramesShapes(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         rec = self.scenes[i]
         wave = torch.sin(torch.arange(N_FRAMES * FRAME) * (0.1 + 0.05 * (i % 7)))
-        return replace(rec, extras=[Frames(FrameCodec().encode(wave))])
+        return replace(rec, image=None if i % 3 == 2 else rec.image, extras=[Frames(FrameCodec().encode(wave))])
 
 
 register_source("frames_shapes", SourceSpec(lambda data, split: FramesShapes(data, split),
@@ -152,6 +153,7 @@ def test_train_feeds_a_registered_plug_in_source_and_resumes_exactly(tmp_path, d
     per_batch = examples_per_batch(cfg)
     assert batch.values[2].shape == (per_batch * N_FRAMES, FRAME)  # every example's frames are in its batch
     assert (batch.modality == 2).sum() == per_batch * N_FRAMES
+    assert 0 < batch.n_images < per_batch  # records without an image pack their text and frames only
     # the third group and the frames adapter moved from their initial weights
     set_seed(cfg.train.seed)
     init = build_model(cfg.model, prepare_tokenizer(cfg).vocab_size).state_dict()
@@ -191,3 +193,11 @@ def test_the_seq_len_check_counts_the_sources_plug_in_positions():
                      "data.max_caption_tokens=40")
     debug_config("model.extra_modalities=[frames]", "data.source=frames_shapes", "data.seq_len=66",
                  "data.max_caption_tokens=40")
+
+
+def test_codec_training_passes_over_records_without_an_image():
+    from transfusion_mot.data.run_codec import _vae_images
+
+    cfg = debug_config("data.source=frames_shapes", "data.shapes_train_size=12")
+    images = _vae_images(FramesShapes(cfg.data, "train"), 32, batch_size=8)(0)
+    assert images.shape == (8, 3, 32, 32)

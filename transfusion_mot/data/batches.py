@@ -28,7 +28,7 @@ class Prepared:
 
     position: int
     key: str
-    pixels: torch.Tensor  # (3, H, W) in [0, 1]: (R, R), or the image's bucket with data.buckets
+    pixels: torch.Tensor | None  # (3, H, W) in [0, 1]: (R, R), or the image's bucket with data.buckets; None: no image
     caption_ids: list[int]
     caption_first: bool
     extras: list = field(default_factory=list)  # the record's plug-in segments (``Record.extras``)
@@ -100,8 +100,8 @@ class ExampleSource(torch.utils.data.Dataset):
                 skips.add(bad.reason, bad.key)
                 return None
         crop = rng.torch_generator(self.seed, p, purpose="crop") if self.data.crop == "random" else None
-        pixels = self.transform(record.image, generator=crop)
-        if pixels is None:
+        pixels = None if record.image is None else self.transform(record.image, generator=crop)
+        if pixels is None and record.image is not None:
             skips.add("too_small", record.key)
             return None
         caption = record.captions[int(rng.stream(self.seed, p, purpose="caption").integers(len(record.captions)))]
@@ -124,15 +124,19 @@ def collate_batch(prepared: list[Prepared], encode, cfg: Config, specials: Speci
     text); the example's data position keys their t / noise as it keys the image's."""
     if not prepared:
         raise RuntimeError("a whole batch of records was skipped as unreadable; check the data source")
-    latents = encode_by_shape(encode, [p.key for p in prepared], [p.pixels for p in prepared])
+    with_image = [p for p in prepared if p.pixels is not None]  # records of plug-ins and text only have none
+    latents = iter(encode_by_shape(encode, [p.key for p in with_image], [p.pixels for p in with_image]))
     examples = []
-    for prep, lat in zip(prepared, latents):
-        if cfg.model.setting == "chameleon":  # VQ ids (h, w): exact in the cache's float32 (codebooks <= 2**20)
-            img = ImageTokens(lat.round().long(), conditions_text=not prep.caption_first)
+    for prep in prepared:
+        lat = next(latents) if prep.pixels is not None else None
+        if lat is None:
+            img = []
+        elif cfg.model.setting == "chameleon":  # VQ ids (h, w): exact in the cache's float32 (codebooks <= 2**20)
+            img = [ImageTokens(lat.round().long(), conditions_text=not prep.caption_first)]
         else:
-            img = Image(lat, conditions_text=not prep.caption_first)
+            img = [Image(lat, conditions_text=not prep.caption_first)]
         text = Text(prep.caption_ids)
-        examples.append([text, img, *prep.extras] if prep.caption_first else [img, *prep.extras, text])
+        examples.append([text, *img, *prep.extras] if prep.caption_first else [*img, *prep.extras, text])
     return pack(examples, cfg.data.seq_len, specials, cfg.model.patch_size, n_rows=cfg.data.batch_size,
                 image_seeds=[[p.position] for p in prepared], example_keys=[p.position for p in prepared],
                 extra_modalities=cfg.model.extra_modalities)
