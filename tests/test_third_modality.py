@@ -161,9 +161,12 @@ def test_train_feeds_a_registered_plug_in_source_and_resumes_exactly(tmp_path, d
     third = [k for k in final if ".groups.2." in k or k.startswith("adapters.2.")]
     assert third and all(not torch.equal(final[k], init[k]) for k in third)
     assert (straight / "checkpoints" / "step_000002").is_dir() and (straight / "checkpoints" / "step_000003").is_dir()
-    assert any("val_flow" in json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines())
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_flow" in r]
+    assert [r["step"] for r in val] == [2, 3]  # in-run at step 2, final at 3: images and the frames validated
+    assert all(0 < r["val_flow_frames"] < 10 for r in val) and val[0]["val_flow_frames"] != val[1]["val_flow_frames"]
     assert (straight / "results.json").exists() and (straight / "samples_final.png").exists()  # evaluated, sampled
-    assert (straight / "train.log").read_text().count("plug-in modalities ['frames'] are trained") == 1  # said once
+    assert (straight / "train.log").read_text().count("plug-in modalities ['frames'] are trained") == 1  # not sampled: said once
     # resume: 2 steps, then 1 more == 3 straight
     _run(tmp_path / "b", "train.steps=3", "train.stop_after=2", "train.eval_every=2", vae)
     _run(tmp_path / "b", "train.steps=3", "train.resume=auto", "train.eval_every=2", vae)
@@ -201,3 +204,19 @@ def test_codec_training_passes_over_records_without_an_image():
     cfg = debug_config("data.source=frames_shapes", "data.shapes_train_size=12")
     images = _vae_images(FramesShapes(cfg.data, "train"), 32, batch_size=8)(0)
     assert images.shape == (8, 3, 32, 32)
+
+
+def test_plug_in_validation_loss_does_not_depend_on_the_batch_size():
+    from transfusion_mot.metrics.validation import plug_in_losses
+
+    cfg = debug_config("model.extra_modalities=[frames]")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, VOCAB)
+    torch.nn.init.normal_(model.adapters[2].out.weight, std=0.1)  # a velocity head that is not zero yet
+    docs = [[s for s in ex if not isinstance(s, Image)] for ex in _examples()]  # captions and frames
+    one = plug_in_losses(model, docs, SPECIALS, cfg.flow, ("frames",), seed=5, batch_size=1)
+    three = plug_in_losses(model, docs, SPECIALS, cfg.flow, ("frames",), seed=5, batch_size=3)
+    assert set(one) == {"val_flow_frames"} and one["val_flow_frames"] > 0
+    assert abs(one["val_flow_frames"] - three["val_flow_frames"]) < 1e-5
+    assert plug_in_losses(model, docs, SPECIALS, cfg.flow, ("frames",), seed=6)["val_flow_frames"] != one[
+        "val_flow_frames"]  # the seed is the noise's: another seed, another number
