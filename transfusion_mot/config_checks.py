@@ -232,13 +232,17 @@ def _check_codec_geometry(cfg: Config) -> None:
 def _check_seq_len(cfg: Config) -> None:
     """One row must hold the longest document: data/batches.py layout(), BOS, caption, BOI, patches, EOI, EOS."""
     d = cfg.data
+    from .data.sources import SOURCES
+
     n_patches = largest_image_patches(cfg)
-    need = 4 + d.max_caption_tokens + n_patches
+    n_extra = SOURCES[d.source].extra_positions if d.source in SOURCES else 0  # a user source's plug-in spans
+    need = 4 + d.max_caption_tokens + n_patches + n_extra
     if d.seq_len < need:
         largest = " (the largest of data.buckets)" if d.buckets else ""
+        extra = f", {n_extra} plug-in positions of data.source={d.source}" if n_extra else ""
         raise ConfigError(f"data.seq_len={d.seq_len} cannot hold one image of {n_patches} patches{largest} plus "
-                          f"data.max_caption_tokens={d.max_caption_tokens} caption tokens and 4 markers (needs >= "
-                          f"{need}); raise data.seq_len or model.patch_size, or lower data.max_caption_tokens")
+                          f"data.max_caption_tokens={d.max_caption_tokens} caption tokens{extra} and 4 markers (needs "
+                          f">= {need}); raise data.seq_len or model.patch_size, or lower data.max_caption_tokens")
 
 
 def largest_image_patches(cfg: Config) -> int:

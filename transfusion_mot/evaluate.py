@@ -39,6 +39,18 @@ class Evaluator:
         self.run_dir = Path(run_dir)
         self.accelerator = accelerator
         self._pairs: list[Pair] | None = None
+        self._noted_plug_ins = False
+        self._plug_in_docs: list[list] | None = None
+
+    def _note_plug_ins(self) -> None:
+        """Sampling knows text and images; a run with plug-in modalities says once that theirs are trained
+        (in ``loss_flow``) and validated (``val_flow_<name>``) but not sampled."""
+        extra = list(self.cfg.model.extra_modalities)
+        if extra and not self._noted_plug_ins and self.is_main:
+            say = self.accelerator.print if self.accelerator is not None else print
+            say(f"evaluation: plug-in modalities {extra} are trained (in loss_flow) and validated (val_flow_<name>), "
+                f"but sampling and prompt-following cover text and images only")
+        self._noted_plug_ins = True
 
     @property
     def is_main(self) -> bool:
@@ -59,6 +71,7 @@ class Evaluator:
 
     def validation(self, model) -> dict:
         out = {}
+        self._note_plug_ins()
         if self.is_main and self.cfg.model.setting == "chameleon":
             from .metrics.validation import next_token_validation
 
@@ -66,9 +79,32 @@ class Evaluator:
         elif self.is_main:
             res = validation_losses(model, self.val_pairs(), self.specials, grid=self.cfg.eval.val_t_grid,
                                     seed=self.cfg.eval.val_seed, batch_size=self.cfg.eval.batch_size)
-            out = res.to_dict()
+            out = {**res.to_dict(), **self.plug_in_validation(model)}
         self._sync()
         return out
+
+    def plug_in_validation(self, model) -> dict:
+        """``val_flow_<name>`` of each plug-in modality on the first ``eval.val_examples`` held-out records
+        that carry plug-in segments (``Record.extras``), with their first caption."""
+        if not self.cfg.model.extra_modalities:
+            return {}
+        if self._plug_in_docs is None:
+            from .data.pipeline import build_records, iter_records
+            from .data.segments import Text
+
+            self._plug_in_docs = []
+            for rec in iter_records(build_records(self.cfg.data, "val")):
+                if len(self._plug_in_docs) == self.cfg.eval.val_examples:
+                    break
+                if rec.extras and rec.captions:
+                    ids = self.tokenizer.encode(rec.captions[0])[: self.cfg.data.max_caption_tokens]
+                    self._plug_in_docs.append([Text(ids), *rec.extras])
+        if not self._plug_in_docs:
+            return {}
+        from .metrics.validation import plug_in_losses
+
+        return plug_in_losses(model, self._plug_in_docs, self.specials, self.cfg.flow, self.cfg.model.extra_modalities,
+                              seed=self.cfg.eval.val_seed, batch_size=self.cfg.eval.batch_size)
 
     @torch.no_grad()
     def sample_grid(self, model, tag: str, quick: bool = False, n: int | None = None) -> dict:
@@ -76,6 +112,7 @@ class Evaluator:
         from .sample import generate_images
 
         result = {}
+        self._note_plug_ins()
         if self.is_main:
             n = n or (16 if quick else self.cfg.eval.n_prompts)
             prompts = held_out_prompts(self.cfg, n)

@@ -117,14 +117,15 @@ def _errors(model, batch: Batch, cfg: FlowConfig, seed: int, t: torch.Tensor | N
 
 
 def _noise_values(batch: Batch, cfg: FlowConfig, seed: int):
-    """Plug-in modalities: one t and one noise per span, keyed by (span seed, modality) (``rng.py``), noised
-    like images. Returns noised values, per-position times and the noise, each modality -> tensor."""
+    """Plug-in modalities: one t and one noise per span, keyed by (example key, index in the example,
+    modality) (``rng.py``), so a span gets the same noise in any batch, as an image does (``image_seed``).
+    Returns noised values, per-position times and the noise, each modality -> tensor."""
     noised, time, noise = {}, {}, {}
     for m, x0 in batch.values.items():
-        spans = batch.value_spans[m].tolist()  # (length, seed) per span
-        t = torch.cat([sample_t(1, cfg, rng.stream(seed, key, m, purpose="flow_t")) for _, key in spans])
-        e = torch.cat([rng.normal((n, x0.shape[1]), seed, key, m, purpose="flow_noise") for n, key in spans])
-        t_pos = t.repeat_interleave(torch.tensor([n for n, _ in spans])).to(x0.device)
+        spans = batch.value_spans[m].tolist()  # (length, example key, index in the example) per span
+        t = torch.cat([sample_t(1, cfg, rng.stream(seed, key, j, m, purpose="flow_t")) for _, key, j in spans])
+        e = torch.cat([rng.normal((n, x0.shape[1]), seed, key, j, m, purpose="flow_noise") for n, key, j in spans])
+        t_pos = t.repeat_interleave(torch.tensor([n for n, _, _ in spans])).to(x0.device)
         noise[m], time[m] = e.to(x0.device, x0.dtype), t_pos
         noised[m] = add_noise(x0, noise[m], t_pos)
     return noised, time, noise

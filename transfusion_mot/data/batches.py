@@ -9,7 +9,7 @@ examples as one process with W times the batch (tested to 1e-5).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,22 +28,27 @@ class Prepared:
 
     position: int
     key: str
-    pixels: torch.Tensor  # (3, H, W) in [0, 1]: (R, R), or the image's bucket with data.buckets
+    pixels: torch.Tensor | None  # (3, H, W) in [0, 1]: (R, R), or the image's bucket with data.buckets; None: no image
     caption_ids: list[int]
     caption_first: bool
+    extras: list = field(default_factory=list)  # the record's plug-in segments (``Record.extras``)
 
 
 def layout(cfg: Config) -> tuple[int, int]:
     """(longest document, documents per row) so that ``batch_size`` rows always hold E examples (the
-    longest image: the largest of ``data.buckets`` when set)."""
+    longest image: the largest of ``data.buckets`` when set; plus the source's plug-in positions,
+    ``SourceSpec.extra_positions``)."""
     from ..config_checks import largest_image_patches
+    from .sources import source_spec
 
     n_patches = largest_image_patches(cfg)
-    longest = 2 + cfg.data.max_caption_tokens + n_patches + 2
+    n_extra = source_spec(cfg.data.source).extra_positions
+    longest = 2 + cfg.data.max_caption_tokens + n_patches + 2 + n_extra
     per_row = max(1, cfg.data.seq_len // longest)
     if longest > cfg.data.seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} < longest document {longest} "
-                         f"(data.max_caption_tokens={cfg.data.max_caption_tokens} + {n_patches} patches + 4 markers)")
+                         f"(data.max_caption_tokens={cfg.data.max_caption_tokens} + {n_patches} patches + 4 markers"
+                         + (f" + {n_extra} plug-in positions of data.source={cfg.data.source}" if n_extra else "") + ")")
     return longest, per_row
 
 
@@ -95,8 +100,8 @@ class ExampleSource(torch.utils.data.Dataset):
                 skips.add(bad.reason, bad.key)
                 return None
         crop = rng.torch_generator(self.seed, p, purpose="crop") if self.data.crop == "random" else None
-        pixels = self.transform(record.image, generator=crop)
-        if pixels is None:
+        pixels = None if record.image is None else self.transform(record.image, generator=crop)
+        if pixels is None and record.image is not None:
             skips.add("too_small", record.key)
             return None
         caption = record.captions[int(rng.stream(self.seed, p, purpose="caption").integers(len(record.captions)))]
@@ -104,7 +109,7 @@ class ExampleSource(torch.utils.data.Dataset):
         caption_first = bool(rng.stream(self.seed, p, purpose="caption_first").random() < self.data.caption_first)
         if caption_first and rng.stream(self.seed, p, purpose="dropout").random() < self.data.caption_dropout:
             ids = []
-        return Prepared(p, record.key, pixels, ids, caption_first)
+        return Prepared(p, record.key, pixels, ids, caption_first, list(record.extras))
 
     def __getitem__(self, g: int) -> tuple[list[Prepared], SkipStats]:
         """Batch g's examples, and the records skipped on the way (workers report them this way)."""
@@ -114,20 +119,27 @@ class ExampleSource(torch.utils.data.Dataset):
 
 
 def collate_batch(prepared: list[Prepared], encode, cfg: Config, specials: Specials) -> Batch:
-    """Encode pixels to latents (one batched call per image shape) and pack into exactly ``data.batch_size`` rows."""
+    """Encode pixels to latents (one batched call per image shape) and pack into exactly ``data.batch_size`` rows.
+    A record's plug-in segments follow its image (caption first: text, image, plug-ins; else image, plug-ins,
+    text); the example's data position keys their t / noise as it keys the image's."""
     if not prepared:
         raise RuntimeError("a whole batch of records was skipped as unreadable; check the data source")
-    latents = encode_by_shape(encode, [p.key for p in prepared], [p.pixels for p in prepared])
+    with_image = [p for p in prepared if p.pixels is not None]  # records of plug-ins and text only have none
+    latents = iter(encode_by_shape(encode, [p.key for p in with_image], [p.pixels for p in with_image]))
     examples = []
-    for prep, lat in zip(prepared, latents):
-        if cfg.model.setting == "chameleon":  # VQ ids (h, w): exact in the cache's float32 (codebooks <= 2**20)
-            img = ImageTokens(lat.round().long(), conditions_text=not prep.caption_first)
+    for prep in prepared:
+        lat = next(latents) if prep.pixels is not None else None
+        if lat is None:
+            img = []
+        elif cfg.model.setting == "chameleon":  # VQ ids (h, w): exact in the cache's float32 (codebooks <= 2**20)
+            img = [ImageTokens(lat.round().long(), conditions_text=not prep.caption_first)]
         else:
-            img = Image(lat, conditions_text=not prep.caption_first)
+            img = [Image(lat, conditions_text=not prep.caption_first)]
         text = Text(prep.caption_ids)
-        examples.append([text, img] if prep.caption_first else [img, text])
+        examples.append([text, *img, *prep.extras] if prep.caption_first else [*img, *prep.extras, text])
     return pack(examples, cfg.data.seq_len, specials, cfg.model.patch_size, n_rows=cfg.data.batch_size,
-                image_seeds=[[p.position] for p in prepared])
+                image_seeds=[[p.position] for p in prepared], example_keys=[p.position for p in prepared],
+                extra_modalities=cfg.model.extra_modalities)
 
 
 def encode_by_shape(encode, keys: list[str], pixels: list[torch.Tensor]) -> list[torch.Tensor]:

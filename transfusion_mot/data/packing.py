@@ -54,7 +54,8 @@ class Batch(ModelInput):
     text_targets: torch.Tensor  # (B, T) next text token, IGNORE where there is no LM loss
     conditions_text: torch.Tensor  # (N,) bool: image precedes text in its document (captioning)
     image_seed: torch.Tensor  # (N,) seed of each image's t and noise: same data -> same noise anywhere
-    # plug-in modality m -> (S_m, 2) long: (length, seed) of each of its spans, in the order of values[m]
+    # plug-in modality m -> (S_m, 3) long: (length, example key, index in the example) of each of its spans, in
+    # the order of values[m]; the key and index seed the span's t and noise (same example -> same noise anywhere)
     value_spans: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def flow_elements(self) -> int:
@@ -121,13 +122,14 @@ def _doc_tokens(example: list, sp: Specials, patch_size: int,
 
 def pack(examples: list[list], seq_len: int, specials: Specials, patch_size: int,
          n_rows: int | None = None, image_seeds: list[list[int]] | None = None,
-         extra_modalities: tuple = ()) -> Batch:
+         extra_modalities: tuple = (), example_keys: list[int] | None = None) -> Batch:
     """Greedy packing in order: a document goes into the current row if it fits, else opens a new row.
 
     ``n_rows`` pads the batch with empty rows to a fixed count (an error if the documents need more).
     ``image_seeds[i][j]`` seeds the t / noise of image j of example i (default: running index).
     ``extra_modalities`` (``model.extra_modalities``) gives plug-in ``Continuous`` segments their ids 2, 3, ...;
-    their spans' t / noise are seeded by their running index per modality.
+    their spans' t / noise are seeded by ``(example_keys[i], j)`` for the j-th plug-in segment of example i
+    (``example_keys``: the examples' data positions; default: their index in ``examples``).
     """
     if not examples:
         raise ValueError("pack() needs at least one example")
@@ -155,11 +157,10 @@ def pack(examples: list[list], seq_len: int, specials: Specials, patch_size: int
     image_id = torch.full(shape, -1, dtype=torch.long)
     position = torch.zeros(shape, dtype=torch.long)
     targets = torch.full(shape, IGNORE, dtype=torch.long)
-    latents, cond, seeds = [], [], []
+    latents, cond, seeds, doc = [], [], [], 0
     extra = tuple(extra_modalities)  # modality 2 + k is extra[k]
     values: dict[int, list[torch.Tensor]] = {2 + k: [] for k in range(len(extra))}
-    n_spans = 0
-    doc = 0
+    span_keys: dict[int, list[tuple[int, int]]] = {m: [] for m in values}  # (example key, index in the example)
     for r, members in enumerate(rows):
         col = 0
         for i in members:
@@ -170,7 +171,7 @@ def pack(examples: list[list], seq_len: int, specials: Specials, patch_size: int
             modality[r, span] = torch.tensor(mods)
             doc_id[r, span] = doc
             position[r, span] = torch.arange(n)
-            base = len(latents)
+            base, n_spans = len(latents), sum(len(v) for v in values.values())
             image_id[r, span] = torch.tensor([base + j if j >= 0 else -1 if j == -1 else SPAN_BASE + n_spans - 2 - j
                                               for j in imgs])
             is_discrete = torch.tensor(discrete)
@@ -185,9 +186,10 @@ def pack(examples: list[list], seq_len: int, specials: Specials, patch_size: int
                     cond.append(seg.conditions_text or later_text)
                     seeds.append(image_seeds[i][j] if image_seeds is not None else len(seeds))
                     j += 1
-                elif isinstance(seg, Continuous):
-                    values[2 + extra.index(seg.modality)].append(seg.values.float())
-                    n_spans += 1
+            for k, seg in enumerate(s for s in examples[i] if isinstance(s, Continuous)):  # plug-in spans, in order
+                m = 2 + extra.index(seg.modality)
+                values[m].append(seg.values.float())
+                span_keys[m].append((example_keys[i] if example_keys is not None else i, k))
             doc += 1
             col += n
     if latents:
@@ -197,7 +199,7 @@ def pack(examples: list[list], seq_len: int, specials: Specials, patch_size: int
     return Batch(tokens=tokens, modality=modality, doc_id=doc_id, image_id=image_id, position=position,
                  patches=patches, image_shape=image_shape, t=torch.zeros(len(latents)), text_targets=targets,
                  conditions_text=torch.tensor(cond, dtype=torch.bool),
-                 image_seed=torch.tensor(seeds, dtype=torch.long), **_flat_values(values))
+                 image_seed=torch.tensor(seeds, dtype=torch.long), **_flat_values(values, span_keys))
 
 
 def _check_latents(examples: list[list], patch_size: int) -> None:
@@ -209,16 +211,16 @@ def _check_latents(examples: list[list], patch_size: int) -> None:
                                  f"model.patch_size={patch_size}, got {tuple(seg.latent.shape)}")
 
 
-def _flat_values(values: dict[int, list[torch.Tensor]]) -> dict:
+def _flat_values(values: dict[int, list[torch.Tensor]], keys: dict[int, list[tuple[int, int]]]) -> dict:
     """Plug-in spans per modality -> Batch's ``values`` (N_m, d), zero ``time`` (N_m,) and ``value_spans``
-    (S_m, 2) = (length, seed = running index)."""
+    (S_m, 3) = (length, example key, index in the example)."""
     out: dict = {"values": {}, "time": {}, "value_spans": {}}
     for m, spans in values.items():
         if spans:
             flat = torch.cat(spans)
             lengths = torch.tensor([x.shape[0] for x in spans], dtype=torch.long)
             out["values"][m], out["time"][m] = flat, torch.zeros(flat.shape[0])
-            out["value_spans"][m] = torch.stack([lengths, torch.arange(len(spans))], 1)
+            out["value_spans"][m] = torch.cat([lengths[:, None], torch.tensor(keys[m], dtype=torch.long)], 1)
     return out
 
 

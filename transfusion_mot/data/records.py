@@ -69,7 +69,7 @@ def encode_records(records, cfg: Config, tokenizer, codec, n: int, batch_size: i
     for rec in iter_records(records):
         if len(pixels) == n:
             break
-        px = rec.image if latent_shards else tf(rec.image)
+        px = rec.image if latent_shards or rec.image is None else tf(rec.image)  # None: a record without image
         if px is None or not rec.captions:
             continue
         pixels.append(px)

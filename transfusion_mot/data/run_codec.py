@@ -87,8 +87,8 @@ def _vae_images(records, resolution: int, batch_size: int = 16, seed: int = 0, s
                 continue
             try:
                 rec = records[index]
-                px = tf(rec.image)
-                if px is None:
+                px = tf(rec.image) if rec.image is not None else None  # a plug-in-only record: never drawn again
+                if px is None and rec.image is not None:
                     skips.add("too_small", rec.key)
             except BadRecord as bad:
                 skips.add(bad.reason, bad.key)

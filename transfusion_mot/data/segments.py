@@ -17,10 +17,13 @@ from PIL import Image as PILImage
 class Record:
     """One raw captioned image as a source yields it, before tokenising and encoding."""
 
-    image: PILImage.Image  # RGB
+    image: PILImage.Image | None  # RGB; None: a record of plug-in segments and text only (speech + transcript)
     captions: list[str]  # one or more; a pipeline picks one per epoch
     key: str = ""  # file name / shard key, for error messages and caching
     meta: dict = field(default_factory=dict)  # source-specific extras (shapes: the scene facts)
+    # plug-in segments (``Continuous`` subclasses of model.extra_modalities) a user's source attaches; they are
+    # packed after the image, in this order, with t / noise keyed by the example's data position
+    extras: list = field(default_factory=list)
 
 
 @dataclass

@@ -380,6 +380,9 @@ class SourceSpec:
     check: Callable[[DataConfig], None] | None = None
     encoded: bool = False  # its records hold the codec's latents, not images (``encode`` output)
     prompt_following: bool = False  # captions in the shapes grammar: metrics/shapes_checker scores samples
+    # most positions a record's plug-in segments (``Record.extras``) take: their vectors + BOI / EOI per span;
+    # the packing layout (data/batches.py layout()) makes room for them in every document
+    extra_positions: int = 0
 
 
 SOURCES: dict[str, SourceSpec] = {}

@@ -149,3 +149,34 @@ def next_token_validation(model, pairs: list[Pair], specials: Specials, batch_si
     mean = {k: s / max(n, 1) for k, (s, n) in acc.items()}
     return {"val_image_nll": mean["image"], "val_lm": mean["text"], "val_ppl": math.exp(mean["text"]),
             "val_caption_nll": mean["caption"]}
+
+
+@torch.no_grad()
+def plug_in_losses(model, docs: list[list], specials: Specials, flow_cfg, extra: tuple, seed: int,
+                   batch_size: int = 16) -> dict[str, float]:
+    """``val_flow_<name>`` per plug-in modality: its flow loss on held-out documents (caption + the record's
+    plug-in segments of that modality). Each span's t and noise are keyed by its document's index
+    (``pack(example_keys=...)``), so the batch size changes nothing."""
+    from ..data.packing import document_length
+    from ..flow import loss_parts
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = {}
+    for name in extra:
+        own = [(i, [s for s in d if isinstance(s, Text) or getattr(s, "modality", "") == name])
+               for i, d in enumerate(docs)]
+        own = [(i, d) for i, d in own if len(d) > 1]  # documents that hold this modality
+        err, count = 0.0, 0
+        for start in range(0, len(own), batch_size):
+            keys, chunk = zip(*own[start:start + batch_size])
+            seq = max(document_length(d, patch_size=model.cfg.patch_size) for d in chunk)
+            batch = pack(list(chunk), seq, specials, model.cfg.patch_size, extra_modalities=extra,
+                         example_keys=list(keys)).to(device)
+            parts = loss_parts(model, batch, flow_cfg, seed)
+            err, count = err + float(parts.flow_sum), count + int(parts.flow_count)
+        if count:
+            out[f"val_flow_{name}"] = err / count
+    model.train(was_training)
+    return out
