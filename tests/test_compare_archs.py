@@ -140,3 +140,23 @@ def test_chameleon_setting_configs_and_flags(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         _smoke_here(tmp_path, "--settings", "shapes,chameleon")
     assert stop.value.code == 2 and "chameleon runs alone" in capsys.readouterr().err
+
+
+def test_a_run_dir_from_before_the_nested_backbone_is_the_same_experiment(tmp_path):
+    """A finished run whose config.yaml has the older layout (backbone keys flat under ``model``, no
+    ``data.buckets``) is the same experiment, not "trained with another config"; a real change still is."""
+    from compare_archs import check_run_dir
+
+    cfg = arm_config("shapes", "mot", 0, 4, tmp_path / "run", REPO.parent / "shared" / "assets", True,
+                     ["model.norm_placement=pre"])
+    tree = json.loads(json.dumps(cfg.to_dict(), default=list))
+    tree["model"] = {**{k: v for k, v in tree["model"].items() if k != "backbone"}, **tree["model"]["backbone"],
+                     "n_modalities": 2}
+    tree["data"].pop("buckets")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(tree))
+    check_run_dir(cfg, tmp_path / "run")
+    tree["model"]["dim"] = 128
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(tree))
+    with pytest.raises(SystemExit, match=r"trained with another config \(model.backbone"):
+        check_run_dir(cfg, tmp_path / "run")

@@ -40,7 +40,7 @@ from common import REPO, RESULTS, commit, write_results
 from compare_archs_report import PAIR, image_key, markdown, plot
 
 from transfusion_mot.components.flops import model_flops_per_token
-from transfusion_mot.config import Config, load_config
+from transfusion_mot.config import Config, config_from_dict, load_config
 from transfusion_mot.data.pipeline import build_records, iter_records, prepare_tokenizer
 from transfusion_mot.model import build_model
 from transfusion_mot.train import train
@@ -157,8 +157,7 @@ def check_run_dir(cfg: Config, run_dir: Path) -> None:
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return
-    old = json.loads(json.dumps(yaml.safe_load(saved.read_text()), default=list))
-    old["train"].pop("resume", None)
+    old = _comparable(config_from_dict(yaml.safe_load(saved.read_text())))  # older layouts read as today's
     new = _comparable(cfg)
     diffs = [f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {v!r}" for sec, part in new.items() if isinstance(part, dict)
              for k, v in part.items() if old.get(sec, {}).get(k) != v]
