@@ -40,3 +40,23 @@ def mixed_batch(seed: int = 0, n: int = 4, seq_len: int = 96, t: float | None = 
     if t is not None:
         b.t = torch.full((b.n_images,), t)
     return b
+
+
+def train_recording(cfg, monkeypatch, evaluate_at_end: bool = False):
+    """Train in-process; returns (train()'s result, the micro-batches of every step it ran, one list per step)."""
+    from transfusion_mot import train as train_mod
+
+    steps = []
+    original = train_mod.micro_batches
+
+    def spy(stream, n, device):
+        batches = original(stream, n, device)
+        steps.append(batches)
+        return batches
+
+    monkeypatch.setattr(train_mod, "micro_batches", spy)
+    try:
+        result = train_mod.train(cfg, evaluate_at_end=evaluate_at_end)
+    finally:
+        monkeypatch.setattr(train_mod, "micro_batches", original)
+    return result, steps

@@ -13,10 +13,10 @@ import pytest
 import torch
 import webdataset as wds
 from conftest import REPO, debug_overrides
+from helpers import train_recording
 from PIL import Image as PILImage
 
 from transfusion_mot import rng
-from transfusion_mot import train as train_mod
 from transfusion_mot.components.resume import config_changes
 from transfusion_mot.config import ConfigError, load_config
 from transfusion_mot.data.sources import SkipStats, build_source
@@ -227,16 +227,8 @@ def test_debug_run_trains_on_batches_of_mixed_image_shapes(assets_dir: Path, tmp
     data = _flickr_folder(assets_dir, tmp_path / "flickr")
     cfg = load_config(DEBUG, _real_overrides(assets_dir, data, tmp_path / "run", "train.steps=3", "train.log_every=1",
                                              "train.save_every=0", "train.eval_every=2", "data.val_fraction=0.25"))
-    seen = []
-    original = train_mod.micro_batches
-
-    def spy(stream, n, device):
-        batches = original(stream, n, device)
-        seen.extend(batches)
-        return batches
-
-    monkeypatch.setattr(train_mod, "micro_batches", spy)
-    run = train_mod.train(cfg, evaluate_at_end=False)
+    run, steps = train_recording(cfg, monkeypatch)
+    seen = [b for step in steps for b in step]
     shapes = [{tuple(s) for s in b.image_shape.tolist()} for b in seen]
     assert len(seen) == 3 and all(s <= {(32, 4, 4), (32, 4, 6), (32, 6, 4)} for s in shapes)
     assert any(len(s) >= 2 for s in shapes), shapes  # one packed batch, images of different shapes

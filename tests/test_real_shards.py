@@ -14,8 +14,8 @@ import pytest
 import torch
 import webdataset as wds
 from conftest import REPO, debug_overrides
+from helpers import train_recording
 
-from transfusion_mot import train as train_mod
 from transfusion_mot.config import load_config
 from transfusion_mot.data.encode import encode, read_meta
 from transfusion_mot.data.sources import build_source
@@ -53,22 +53,6 @@ KILL_AFTER_SAVE = textwrap.dedent("""
 """)
 
 
-def _train_recording(cfg, monkeypatch) -> list:
-    """Train in-process and return the micro-batches of every step it ran."""
-    seen = []
-    original = train_mod.micro_batches
-
-    def spy(stream, n, device):
-        batches = original(stream, n, device)
-        seen.append(batches)
-        return batches
-
-    monkeypatch.setattr(train_mod, "micro_batches", spy)
-    train_mod.train(cfg, evaluate_at_end=False)
-    monkeypatch.setattr(train_mod, "micro_batches", original)
-    return seen
-
-
 def _losses(run: Path) -> list:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss_lm"], r["loss_flow"]) for r in rows if "loss_lm" in r]
@@ -90,14 +74,14 @@ def test_real_shards_encode_train_kill_resume(assets_dir: Path, tmp_path: Path, 
                                "model.latent_channels=32", "train.steps=6", "train.save_every=2",
                                "train.log_every=1", "data.stream_lanes=4", *extra)
 
-    straight = _train_recording(load_config(DEBUG, overrides(tmp_path / "straight")), monkeypatch)
+    straight = train_recording(load_config(DEBUG, overrides(tmp_path / "straight")), monkeypatch)[1]
     killed = tmp_path / "killed"
     res = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE, "--config", DEBUG, "--no-eval", *overrides(killed)],
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == -9, res.stderr[-2000:]  # killed right after the step-4 checkpoint
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
-    resumed = _train_recording(load_config(DEBUG, overrides(killed, "train.resume=auto")), monkeypatch)
+    resumed = train_recording(load_config(DEBUG, overrides(killed, "train.resume=auto")), monkeypatch)[1]
     assert len(resumed) == 2  # steps 5 and 6, from the lanes' saved positions
     for after, before in zip(resumed, straight[4:]):
         for a, b in zip(after, before):
