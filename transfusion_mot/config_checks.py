@@ -230,13 +230,9 @@ def _check_codec_geometry(cfg: Config) -> None:
 
 
 def _check_seq_len(cfg: Config) -> None:
-    """One row must hold the longest document: data/batches.py layout(), BOS, caption, BOI, patches, EOI, EOS."""
+    """One row must hold the longest document (``longest_document``)."""
     d = cfg.data
-    from .data.sources import SOURCES
-
-    n_patches = largest_image_patches(cfg)
-    n_extra = SOURCES[d.source].extra_positions if d.source in SOURCES else 0  # a user source's plug-in spans
-    need = 4 + d.max_caption_tokens + n_patches + n_extra
+    need, n_patches, n_extra = longest_document(cfg)
     if d.seq_len < need:
         largest = " (the largest of data.buckets)" if d.buckets else ""
         extra = f", {n_extra} plug-in positions of data.source={d.source}" if n_extra else ""
@@ -245,21 +241,30 @@ def _check_seq_len(cfg: Config) -> None:
                           f">= {need}); raise data.seq_len or model.patch_size, or lower data.max_caption_tokens")
 
 
-def largest_image_patches(cfg: Config) -> int:
-    """Patches of the largest image a training document holds: the square at data.resolution, or with
-    ``data.buckets`` the largest bucket (the codec's downsampling is data.resolution / model.latent_size)."""
+def longest_document(cfg: Config) -> tuple[int, int, int]:
+    """(positions, image patches, plug-in positions) of the longest training document: BOS, caption, BOI,
+    patches, EOI, EOS and the source's plug-in spans (``SourceSpec.extra_positions``). The image is the
+    square at data.resolution, or with ``data.buckets`` the largest bucket. data/batches.py layout() packs by it."""
+    from .data.sources import source_spec
     from .data.transform import bucket_sizes
 
-    m, d = cfg.model, cfg.data
-    if not d.buckets or m.latent_size < 1:
-        return (m.latent_size // m.patch_size) ** 2
-    unit = d.resolution // m.latent_size * m.patch_size  # pixels per patch side
-    return max((h // unit) * (w // unit) for h, w in bucket_sizes(d.buckets))
+    d = cfg.data
+    n_patches = (cfg.model.latent_size // cfg.model.patch_size) ** 2
+    if d.buckets and cfg.model.latent_size >= 1:
+        unit = _patch_pixels(cfg)
+        n_patches = max((h // unit) * (w // unit) for h, w in bucket_sizes(d.buckets))
+    n_extra = source_spec(d.source).extra_positions  # a user source's plug-in spans
+    return 4 + d.max_caption_tokens + n_patches + n_extra, n_patches, n_extra
+
+
+def _patch_pixels(cfg: Config) -> int:
+    """Pixels per patch side: the codec's downsampling (data.resolution / model.latent_size) x model.patch_size."""
+    return cfg.data.resolution // cfg.model.latent_size * cfg.model.patch_size
 
 
 def _check_buckets(cfg: Config) -> None:
     """Each bucket splits into whole patches of whole latent pixels (checked again once the codec is loaded)."""
-    from .data.transform import bucket_sizes
+    from .data.transform import bucket_sizes, check_bucket_patches
 
     m, d = cfg.model, cfg.data
     buckets = bucket_sizes(d.buckets)
@@ -268,12 +273,7 @@ def _check_buckets(cfg: Config) -> None:
     if m.setting != "transfusion":
         raise ConfigError(f"data.buckets={[list(b) for b in buckets]} needs model.setting=transfusion (continuous "
                           f"latents of any shape); model.setting={m.setting} reads square token grids")
-    down = d.resolution // m.latent_size
-    unit = down * m.patch_size
-    for h, w in buckets:
-        if h % unit or w % unit:
-            raise ConfigError(f"data.buckets: bucket [{h}, {w}] is not a multiple of {unit} px in both sides (the "
-                              f"codec's downsampling {down} x model.patch_size={m.patch_size})")
+    check_bucket_patches(buckets, d.resolution // m.latent_size, m.patch_size)
 
 
 def _check_setting(cfg: Config) -> None:

@@ -94,7 +94,7 @@ class Demo:
         import torch
         from PIL import Image as PILImage
 
-        from .data.sources import ImageTransform
+        from .data.transform import ImageTransform
 
         if not data:
             raise BadRequest("no image uploaded: choose an image file first")

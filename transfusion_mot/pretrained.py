@@ -265,7 +265,7 @@ class Pipeline:
     def caption_files(self, paths: list[str], **kw) -> list[str]:
         from PIL import Image as PILImage
 
-        from .data.sources import ImageTransform
+        from .data.transform import ImageTransform
 
         tf = ImageTransform(self.cfg.data.resolution, crop="center", min_side=1)
         images = []

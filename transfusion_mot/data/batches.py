@@ -38,12 +38,9 @@ def layout(cfg: Config) -> tuple[int, int]:
     """(longest document, documents per row) so that ``batch_size`` rows always hold E examples (the
     longest image: the largest of ``data.buckets`` when set; plus the source's plug-in positions,
     ``SourceSpec.extra_positions``)."""
-    from ..config_checks import largest_image_patches
-    from .sources import source_spec
+    from ..config_checks import longest_document
 
-    n_patches = largest_image_patches(cfg)
-    n_extra = source_spec(cfg.data.source).extra_positions
-    longest = 2 + cfg.data.max_caption_tokens + n_patches + 2 + n_extra
+    longest, n_patches, n_extra = longest_document(cfg)
     per_row = max(1, cfg.data.seq_len // longest)
     if longest > cfg.data.seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} < longest document {longest} "

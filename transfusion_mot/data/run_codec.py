@@ -16,7 +16,7 @@ from .. import rng
 from ..config import Config
 from .records import _is_shards, _records_name, build_records
 from .sources import SkipStats, source_spec
-from .transform import bucket_sizes
+from .transform import ImageTransform, bucket_sizes, check_bucket_patches
 
 
 def _cache_root(cfg: Config) -> Path:
@@ -46,7 +46,7 @@ def _vae_images(records, resolution: int, batch_size: int = 16, seed: int = 0, s
     a source in which every record has failed (or a full pass over the shards without one usable image)
     is a ``NoUsableData`` stop, not an endless search.
     """
-    from .sources import BadRecord, ImageTransform
+    from .sources import BadRecord
     from .streaming import NoUsableData
 
     tf = ImageTransform(resolution, crop="center")
@@ -132,11 +132,7 @@ def train_codec_for(cfg: Config, out: Path | None = None, records=None) -> Path:
 def check_codec(codec, cfg: Config) -> None:
     """The model's latent shape must be what the codec produces at the data resolution, and every bucket
     must split into whole patches of the codec's latent pixels."""
-    unit = codec.downsample * cfg.model.patch_size
-    for h, w in bucket_sizes(cfg.data.buckets):
-        if h % unit or w % unit:
-            raise ValueError(f"data.buckets: bucket [{h}, {w}] is not a multiple of {unit} px in both sides (the "
-                             f"codec's downsampling {codec.downsample} x model.patch_size={cfg.model.patch_size})")
+    check_bucket_patches(bucket_sizes(cfg.data.buckets), codec.downsample, cfg.model.patch_size)
     size = cfg.data.resolution // codec.downsample
     if codec.latent_channels != cfg.model.latent_channels or size != cfg.model.latent_size:
         raise ValueError(

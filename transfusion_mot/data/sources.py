@@ -30,7 +30,7 @@ from PIL import Image as PILImage
 
 from ..config import ConfigError, DataConfig
 from .segments import Record
-from .transform import ImageTransform, bucket_sizes, nearest_bucket  # noqa: F401 (imported from here too)
+from .transform import ImageTransform, bucket_sizes  # ImageTransform: also importable from here, as before
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 IMAGEFOLDER_FILES = ("metadata.jsonl", "captions.csv", "captions.txt")

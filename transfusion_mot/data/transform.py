@@ -27,6 +27,16 @@ def bucket_sizes(buckets) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def check_bucket_patches(buckets: tuple[tuple[int, int], ...], downsample: int, patch_size: int) -> None:
+    """Every (height, width) bucket splits into whole patches of whole latent pixels: a ``ConfigError`` naming
+    the first that does not (config_checks with the config's geometry, run_codec with the loaded codec's)."""
+    unit = downsample * patch_size
+    for h, w in buckets:
+        if h % unit or w % unit:
+            raise ConfigError(f"data.buckets: bucket [{h}, {w}] is not a multiple of {unit} px in both sides (the "
+                              f"codec's downsampling {downsample} x model.patch_size={patch_size})")
+
+
 def nearest_bucket(width: int, height: int, buckets: tuple[tuple[int, int], ...]) -> tuple[int, int]:
     """The (height, width) bucket whose aspect ratio is closest to the image's, in log ratio (so 2:1 and 1:2
     are equally far from 1:1); ties go to the earlier bucket."""
