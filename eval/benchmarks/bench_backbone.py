@@ -28,6 +28,7 @@ compiled dense <= 1.05 and compiled dense <= eager dense, at the issue's shapes 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -159,7 +160,7 @@ class Floor(nn.Module):
 
 # ---------------------------------------------------------------- models, batch, one step
 def build(size: str, norm_placement: str, compile_backend: str | None = None) -> tuple[dict[str, nn.Module], object]:
-    """The models of one size or shape (mot, dense, floor; + compiled mot and dense), and its config."""
+    """The models of one size or shape (mot, dense, floor, floor_mot; + each compiled), and its config."""
     models = {}
     overrides = SHAPES[size][0] + SHAPE_MODEL if size in SHAPES else [f"model.size={size}", *size_data(size)]
     for arch in ("mot", "dense"):
@@ -170,17 +171,13 @@ def build(size: str, norm_placement: str, compile_backend: str | None = None) ->
     models["floor"] = Floor(*floor_shape)
     models["floor_mot"] = Floor(*floor_shape, groups=2)
     if compile_backend:
-        for arch in ("mot", "dense"):
-            compiled = Backbone(models[arch].cfg, models[arch].n_groups, models[arch].moe)
-            compiled.load_state_dict(models[arch].state_dict())
-            for block in compiled.blocks:  # as train.compile_blocks does
-                block.compile(backend=compile_backend, fullgraph=True, dynamic=None)
-            models[f"{arch}_compiled"] = compiled
-        for name in ("floor", "floor_mot"):  # block by block too (the shapes, text count included, are fixed)
-            compiled = Floor(*floor_shape, groups=models[name].groups)
-            compiled.load_state_dict(models[name].state_dict())
+        for name in ("mot", "dense", "floor", "floor_mot"):
+            compiled = copy.deepcopy(models[name])  # the same weights
+            # ours as train.compile_blocks compiles them (group sizes dynamic: Routing.mark_dynamic); the floors'
+            # shapes, the text count included, never change here
+            dynamic = None if name in ("mot", "dense") else False
             for block in compiled.blocks:
-                block.compile(backend=compile_backend, fullgraph=True, dynamic=False)
+                block.compile(backend=compile_backend, fullgraph=True, dynamic=dynamic)
             models[f"{name}_compiled"] = compiled
     return models, cfg
 
