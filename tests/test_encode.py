@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import REPO, debug_overrides
+from conftest import REPO, debug_overrides, free_port
 from PIL import Image as PILImage
 
 from transfusion_mot.config import ConfigError, load_config
@@ -144,11 +143,6 @@ def test_imagefolder_with_a_pretrained_vae_config_trains(setup):
     run = train(cfg, evaluate_at_end=False)
     assert (run / "model" / "model.safetensors").exists()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # two accelerate-launched processes, ~20 s: slow (.ci/run runs it)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, free_port
 from PIL import Image as PILImage
 
 from transfusion_mot import from_pretrained
@@ -52,11 +51,6 @@ def test_bf16_generation_is_close_to_fp32_in_latent_space(debug_run):
     assert len(bf16.caption(images, max_new_tokens=4)) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow  # two accelerate-launched processes, ~25 s: slow (.ci/run runs it)
 def test_generation_split_across_two_processes_equals_one(debug_run, tmp_path):
@@ -70,7 +64,7 @@ def test_generation_split_across_two_processes_equals_one(debug_run, tmp_path):
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     res = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                           str(EVAL / "prompt_following.py"), *map(str, args), "--out", str(two)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -2,7 +2,6 @@
 outputs and the FLOPs per real token do not depend on the batch; the causal router makes cached decoding
 equal the full forward; the token-choice auxiliary loss is weighted once under DDP."""
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import free_port
 from helpers import SPECIALS, debug_model, mixed_examples
 from transfusion_mot import flow, sample
 from transfusion_mot.data.packing import pack
@@ -159,15 +159,10 @@ def dp_setup():
     return model, cfg, batches
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_token_choice_aux_loss_is_weighted_once_under_ddp(tmp_path):
     out = tmp_path / "grads.pt"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
            "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(TESTS), str(out)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,

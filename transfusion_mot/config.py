@@ -68,6 +68,10 @@ class ModelConfig:
     latent_size: int = 0  # latent height = width; 0: data.resolution / the codec's downsampling
     image_vocab_size: int = 0  # chameleon: rows of the image embedding / head; 0: the VQ codebook's size
     patch_size: int = 2
+    # where an image patch is, besides the sequence's 1-D RoPE: "rope1d" (nothing more; Transfusion's linear
+    # patches) | "sincos2d" (a fixed sin-cos embedding of the patch's row and column added to its input, as
+    # DiT and BAGEL do; no parameters)
+    image_pos: str = "rope1d"
     moe_aux_weight: float = 0.01
     init_std: float = 0.02
     attention: str = "auto"  # "auto" (flex on CUDA, SDPA elsewhere) | "sdpa" | "flex"

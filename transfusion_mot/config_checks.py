@@ -97,6 +97,7 @@ def validate(cfg: Config) -> Config:
     _choice("model.norm_placement", m.norm_placement, ("post", "pre"))
     _choice("model.moe_routing", m.moe_routing, ("expert_choice", "token_choice"))
     _choice("model.attention", m.attention, ("auto", "sdpa", "flex"))
+    _choice("model.image_pos", m.image_pos, ("rope1d", "sincos2d"))
     _choice("flow.t_sampling", f.t_sampling, ("uniform", "logit_normal"))
     _choice("codec.kind", cfg.codec.kind, ("trained", "diffusers", "taef2", "vq"))
     _choice("data.source", d.source, tuple(SOURCES))  # the registry (data/sources.py)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .layers import TimestepEmbedding
+from .layers import TimestepEmbedding, grid_sincos
 
 # name -> make(model dim) -> adapter, for model.extra_modalities (a test or a user's own module registers)
 MODALITIES: dict[str, Callable[[int], nn.Module]] = {}
@@ -60,11 +60,14 @@ class ContinuousAdapter(nn.Module):
 
     kind = "continuous"
 
-    def __init__(self, in_dim: int, dim: int):
+    def __init__(self, in_dim: int, dim: int, grid_pos: bool = False):
         super().__init__()
         if in_dim < 1:
             raise ValueError(f"a continuous adapter needs an input width >= 1, got {in_dim}")
+        if grid_pos and dim % 4:
+            raise ValueError(f"a 2-D sin-cos position needs a model width divisible by 4, got {dim}")
         self.in_dim = in_dim
+        self.grid_pos = grid_pos  # add each vector's (row, column) in its span's grid (model.image_pos=sincos2d)
         self.inp = nn.Linear(in_dim, dim)
         self.t_emb = TimestepEmbedding(dim)
         self.out = nn.Linear(dim, in_dim)
@@ -72,13 +75,20 @@ class ContinuousAdapter(nn.Module):
     def reset_output(self) -> None:
         nn.init.zeros_(self.out.weight)  # predict zero velocity at the start (DiT's final layer)
 
-    def embed(self, values: torch.Tensor, time: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, values: torch.Tensor, time: torch.Tensor, counts: torch.Tensor | None = None,
+              widths: torch.Tensor | None = None) -> torch.Tensor:
         """(N, d) vectors at flow times ``time`` -> (N, D). ``time`` is (N,) per vector, or (S,) per span of
-        ``counts`` (S,) vectors (an image's patches): the timestep MLP then runs once per span."""
+        ``counts`` (S,) vectors (an image's patches): the timestep MLP then runs once per span. ``widths``
+        (S,): each span's grid width (patches per row, raster order), for the 2-D position when ``grid_pos``."""
         t_emb = self.t_emb(time).to(values.dtype)
         if counts is not None:
             t_emb = t_emb.repeat_interleave(counts, dim=0, output_size=values.shape[0])
-        return self.inp(values) + t_emb
+        x = self.inp(values) + t_emb
+        if self.grid_pos:
+            if counts is None or widths is None:
+                raise ValueError("a 2-D patch position needs each span's patch count and grid width")
+            x = x + grid_sincos(counts, widths, x.shape[-1]).to(x.dtype)
+        return x
 
     def predict(self, h: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, d)
         return self.out(h)

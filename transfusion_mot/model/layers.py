@@ -58,6 +58,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.type_as(x)
 
 
+def grid_sincos(counts: torch.Tensor, widths: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """(sum(counts), dim) fixed 2-D sin-cos position of every patch: span s holds ``counts[s]`` patches in
+    raster order on a grid ``widths[s]`` wide; the first half of the channels encodes the row, the second
+    the column (sin and cos over dim / 4 frequencies each, as DiT's patch positions)."""
+    total = int(counts.sum())
+    start = torch.cumsum(counts, 0) - counts  # (S,) first patch of each span
+    local = torch.arange(total, device=counts.device) - start.repeat_interleave(counts, output_size=total)
+    width = widths.to(counts.device).repeat_interleave(counts, output_size=total)
+    quarter = dim // 4
+    freqs = base ** (-torch.arange(quarter, device=counts.device, dtype=torch.float32) / quarter)  # (dim/4,)
+    parts = []
+    for coord in (local // width, local % width):  # row, column
+        angles = coord.float()[:, None] * freqs  # (P, dim/4)
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=-1)
+
+
 class TimestepEmbedding(nn.Module):
     """Sinusoidal features of t in [0, 1] (scaled by 1000, as diffusers' timesteps are) -> MLP -> dim."""
 

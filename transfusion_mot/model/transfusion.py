@@ -68,7 +68,7 @@ class Transfusion(nn.Module):
         self.cfg = cfg
         dim = cfg.backbone.dim
         patch_dim = cfg.latent_channels * cfg.patch_size ** 2
-        self.adapters = nn.ModuleList([DiscreteAdapter(cfg.vocab_size, dim), ContinuousAdapter(patch_dim, dim),
+        self.adapters = nn.ModuleList([DiscreteAdapter(cfg.vocab_size, dim), ContinuousAdapter(patch_dim, dim, grid_pos=cfg.image_pos == "sincos2d"),
                                        *(build_adapter(name, dim) for name in cfg.extra_modalities)])
         self.backbone = Backbone(cfg.backbone, cfg.n_groups, cfg.moe)
         self.register_load_state_dict_pre_hook(_upgrade_names)
@@ -116,7 +116,7 @@ class Transfusion(nn.Module):
                 if idx.numel() != values.shape[0]:
                     raise ValueError(f"batch has {idx.numel()} positions of modality {m} but {values.shape[0]} "
                                      f"continuous inputs")
-                args = (values.to(x.dtype), time) if counts is None else (values.to(x.dtype), time, counts)
+                args = (values.to(x.dtype), time) if counts is None else (values.to(x.dtype), time, *counts)
                 emb = adapter.embed(*args).to(x.dtype)  # (N_m, D)
             else:
                 continue
@@ -126,9 +126,11 @@ class Transfusion(nn.Module):
 
     def _continuous(self, m: int, batch: ModelInput):
         """(values, time, counts) of continuous modality m: the image's flat patches with one time per image
-        (``counts``: its patches), a plug-in's vectors with one time per position (counts None)."""
+        (``counts``: (its patches, its grid width)), a plug-in's vectors with one time per position (counts
+        None)."""
         if m == IMAGE:
-            return batch.patches, batch.t, patch_counts(batch.image_shape, self.cfg.patch_size)
+            p = self.cfg.patch_size
+            return batch.patches, batch.t, (patch_counts(batch.image_shape, p), batch.image_shape[:, 2] // p)
         return batch.values[m], batch.time[m], None
 
     def uses_flex(self, device: torch.device) -> bool:
