@@ -4,10 +4,11 @@ batch, and the cached sampler sees the same positions as training."""
 import pytest
 import torch
 import torch.nn as nn
+from conftest import REPO
 from helpers import SPECIALS, debug_model, mixed_examples
 
-from transfusion_mot import sample
-from transfusion_mot.config import ConfigError
+from transfusion_mot import flow, sample
+from transfusion_mot.config import ConfigError, load_config
 from transfusion_mot.data.packing import IMAGE, pack
 from transfusion_mot.data.segments import Image, Text
 from transfusion_mot.model.layers import grid_sincos
@@ -82,8 +83,6 @@ def test_cached_sampling_equals_uncached_with_sincos2d():
 
 
 def test_training_loss_runs_and_differs_with_sincos2d():
-    from transfusion_mot import flow
-
     batch = pack(mixed_examples(seed=0, n=4), 96, SPECIALS, patch_size=2)
     losses = {}
     for pos in ("rope1d", "sincos2d"):
@@ -99,3 +98,9 @@ def test_training_loss_runs_and_differs_with_sincos2d():
 def test_unknown_image_pos_is_a_config_error():
     with pytest.raises(ConfigError, match="model.image_pos='sincos'"):
         debug_model("model.image_pos=sincos")
+
+
+def test_sincos2d_in_the_chameleon_setting_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.image_pos=sincos2d: model.setting=chameleon"):
+        load_config(str(REPO / "configs" / "chameleon_debug.yaml"), ["model.image_pos=sincos2d"])
+    load_config(str(REPO / "configs" / "chameleon_debug.yaml"))  # the default passes

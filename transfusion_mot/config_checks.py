@@ -293,6 +293,9 @@ def _check_setting(cfg: Config) -> None:
     if m.patch_size != 1:
         raise ConfigError(f"model.patch_size={m.patch_size}: model.setting=chameleon takes one token per VQ code; "
                           f"set model.patch_size=1")
+    if m.image_pos != "rope1d":
+        raise ConfigError(f"model.image_pos={m.image_pos}: model.setting=chameleon embeds image codes like text "
+                          f"tokens (1-D RoPE only); the 2-D patch position is for continuous patches")
     if m.image_vocab_size < 1:
         raise ConfigError(f"model.image_vocab_size={m.image_vocab_size}: the VQ codebook size is not known from the "
                           f"config ({_codec_words(cfg.codec)}); set model.image_vocab_size")
