@@ -98,6 +98,8 @@ def test_training_loss_runs_and_differs_with_sincos2d():
 def test_unknown_image_pos_is_a_config_error():
     with pytest.raises(ConfigError, match="model.image_pos='sincos'"):
         debug_model("model.image_pos=sincos")
+    with pytest.raises(ConfigError, match="model.dim=66 into row and column"):
+        debug_model("model.image_pos=sincos2d", "model.dim=66", "model.n_heads=1")
 
 
 def test_sincos2d_in_the_chameleon_setting_is_a_config_error():

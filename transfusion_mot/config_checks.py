@@ -98,6 +98,9 @@ def validate(cfg: Config) -> Config:
     _choice("model.moe_routing", m.moe_routing, ("expert_choice", "token_choice"))
     _choice("model.attention", m.attention, ("auto", "sdpa", "flex"))
     _choice("model.image_pos", m.image_pos, ("rope1d", "sincos2d"))
+    if m.image_pos == "sincos2d" and m.dim % 4:
+        raise ConfigError(f"model.image_pos=sincos2d splits model.dim={m.dim} into row and column sin-cos "
+                          f"quarters: use a model.dim divisible by 4")
     _choice("flow.t_sampling", f.t_sampling, ("uniform", "logit_normal"))
     _choice("codec.kind", cfg.codec.kind, ("trained", "diffusers", "taef2", "vq"))
     _choice("data.source", d.source, tuple(SOURCES))  # the registry (data/sources.py)

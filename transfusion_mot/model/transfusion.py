@@ -68,7 +68,8 @@ class Transfusion(nn.Module):
         self.cfg = cfg
         dim = cfg.backbone.dim
         patch_dim = cfg.latent_channels * cfg.patch_size ** 2
-        self.adapters = nn.ModuleList([DiscreteAdapter(cfg.vocab_size, dim), ContinuousAdapter(patch_dim, dim, grid_pos=cfg.image_pos == "sincos2d"),
+        image = ContinuousAdapter(patch_dim, dim, grid_pos=cfg.image_pos == "sincos2d")
+        self.adapters = nn.ModuleList([DiscreteAdapter(cfg.vocab_size, dim), image,
                                        *(build_adapter(name, dim) for name in cfg.extra_modalities)])
         self.backbone = Backbone(cfg.backbone, cfg.n_groups, cfg.moe)
         self.register_load_state_dict_pre_hook(_upgrade_names)
@@ -112,26 +113,24 @@ class Transfusion(nn.Module):
             if adapter.kind == "discrete":
                 emb = adapter.embed(batch.tokens.reshape(-1)[idx])  # (N_m, D)
             elif idx.numel():
-                values, time, counts = self._continuous(m, batch)
+                values, time, *spans = self._continuous(m, batch)
                 if idx.numel() != values.shape[0]:
                     raise ValueError(f"batch has {idx.numel()} positions of modality {m} but {values.shape[0]} "
                                      f"continuous inputs")
-                args = (values.to(x.dtype), time) if counts is None else (values.to(x.dtype), time, *counts)
-                emb = adapter.embed(*args).to(x.dtype)  # (N_m, D)
+                emb = adapter.embed(values.to(x.dtype), time, *spans).to(x.dtype)  # (N_m, D)
             else:
                 continue
             x = emb.new_zeros(b * t, emb.shape[-1]) if x is None else x
             x = x.index_copy(0, idx, emb)
         return x.reshape(b, t, -1)
 
-    def _continuous(self, m: int, batch: ModelInput):
-        """(values, time, counts) of continuous modality m: the image's flat patches with one time per image
-        (``counts``: (its patches, its grid width)), a plug-in's vectors with one time per position (counts
-        None)."""
+    def _continuous(self, m: int, batch: ModelInput) -> tuple:
+        """The arguments of continuous modality m's ``adapter.embed``: the image's flat patches, one time per
+        image, each image's patch count and grid width; a plug-in's vectors with one time per position."""
         if m == IMAGE:
             p = self.cfg.patch_size
-            return batch.patches, batch.t, (patch_counts(batch.image_shape, p), batch.image_shape[:, 2] // p)
-        return batch.values[m], batch.time[m], None
+            return batch.patches, batch.t, patch_counts(batch.image_shape, p), batch.image_shape[:, 2] // p
+        return batch.values[m], batch.time[m]
 
     def uses_flex(self, device: torch.device) -> bool:
         """``model.attention``: flex, or auto on CUDA (else SDPA with a boolean mask)."""
