@@ -33,6 +33,31 @@ def _weights(run: Path) -> dict:
     return load_file(run / "model" / "model.safetensors")
 
 
+def test_ema_warmup_note_says_when_the_configured_decay_never_arrives():
+    """The decay warms up as (1 + n) / (10 + n): two decays above what a short run reaches give the same
+    weights, and the start-up note says so; a run long enough to reach the decay gets no note."""
+    from transfusion_mot.components.ema import EMA
+
+    def averaged(decay: float, steps: int) -> tuple[torch.Tensor, EMA]:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(3, 3)
+        ema = EMA(layer, decay)
+        for _ in range(steps):
+            with torch.no_grad():
+                layer.weight.add_(torch.randn(3, 3))
+            ema.update()
+        return ema.shadow["weight"], ema
+
+    a, ema_a = averaged(0.995, 40)
+    b, _ = averaged(0.998, 40)
+    c, _ = averaged(0.8, 40)
+    assert torch.equal(a, b) and not torch.equal(a, c)  # 0.8 is reached after 35 updates
+    note = ema_a.warmup_note(880)
+    assert note is not None and "train.ema_decay=0.995" in note and "1790 updates" in note and "0.9899" in note
+    assert ema_a.warmup_note(1791) is None and ema_a.warmup_note(1790) is not None
+    assert ema_a.decay_after(1790) == 0.995 and ema_a.decay_after(1789) < 0.995
+
+
 def _run(out, *extra) -> Path:
     cfg = load_config(DEBUG, debug_overrides(out, "train.log_every=1", "train.save_every=3", *extra))
     return train(cfg, evaluate_at_end=False)

@@ -192,6 +192,8 @@ def build_run(cfg: Config, engine: Engine, run_dir: Path) -> Run:
     engine.print(f"{cfg.name}: {cfg.model.arch} model, {single.num_params() / 1e6:.2f}M parameters, "
                  f"{cfg.train.steps} steps, {engine.mode} over {engine.num_processes} process(es), "
                  f"precision {engine.precision}, run dir {run_dir}")
+    if ema is not None and (note := ema.warmup_note(cfg.train.steps)):
+        engine.print(note)
     return Run(model, opt, sched, ema, ckpt, log, stream, Evaluator(cfg, tokenizer, codec, run_dir, engine),
                EvalCopy(lambda: build_model(cfg.model, tokenizer.vocab_size), engine))
 

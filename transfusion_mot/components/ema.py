@@ -1,6 +1,8 @@
 """Exponential moving average of the weights, held the way the model holds them."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .parallel import local
@@ -22,8 +24,21 @@ class EMA:
         self.updates = 0
 
     def current_decay(self) -> float:
-        n = self.updates
+        return self.decay_after(self.updates)
+
+    def decay_after(self, n: int) -> float:
+        """The decay the (n + 1)-th update blends with."""
         return min(self.decay, (1 + n) / (10 + n))
+
+    def warmup_note(self, steps: int) -> str | None:
+        """One line when a run of ``steps`` updates ends before the warm-up reaches the configured decay
+        (then ``train.ema_decay`` does not change the result), else None."""
+        reach = math.ceil((10 * self.decay - 1) / (1 - self.decay) - 1e-9)  # first n with (1 + n) / (10 + n) >= decay
+        if steps >= reach + 1:
+            return None
+        return (f"ema: the decay warms up as (1 + n) / (10 + n) and reaches train.ema_decay={self.decay} after "
+                f"{reach} updates; this run's {steps} end at {self.decay_after(steps - 1):.4f}, so a larger "
+                f"ema_decay would give the same weights")
 
     @torch.no_grad()
     def update(self) -> None:

