@@ -332,5 +332,7 @@ def test_vae_key_names_what_the_vae_was_trained_with():
     key = vae_key(cfg, records)
     assert key == vae_key(load_config(str(REPO / "configs" / "debug.yaml"), ["codec.vae_latent_noise=0"]), records)
     assert key == vae_key(load_config(str(REPO / "configs" / "debug.yaml"), ["codec.vae_chroma_weight=0"]), records)
-    for change in ("codec.vae_latent_noise=0.2", "codec.vae_chroma_weight=10", "codec.vae_steps=7", "train.seed=1"):
+    assert key == vae_key(load_config(str(REPO / "configs" / "debug.yaml"), ["codec.vae_lr=2e-3"]), records)
+    for change in ("codec.vae_latent_noise=0.2", "codec.vae_chroma_weight=10", "codec.vae_steps=7", "train.seed=1",
+                   "codec.vae_lr=1e-3"):
         assert vae_key(load_config(str(REPO / "configs" / "debug.yaml"), [change]), records) != key, change

@@ -50,6 +50,11 @@ def test_negative_vae_loss_knobs(key):
         load_config(None, [f"{key}=-0.5"])
 
 
+def test_vae_lr_must_be_positive():
+    with pytest.raises(ConfigError, match=r"codec.vae_lr=0.0 must be > 0"):
+        load_config(None, ["codec.vae_lr=0"])
+
+
 def test_bad_choice_and_size_and_seq_len():
     with pytest.raises(ConfigError, match=r"model.arch='mots' .*did you mean 'mot'"):
         load_config(None, ["model.arch=mots"])

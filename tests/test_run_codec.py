@@ -43,6 +43,7 @@ def test_the_same_config_reuses_the_run_dirs_vae(run_with_vae):
     (["data.resolution=64", "model.latent_size=16"], "data.resolution: the VAE has 32, the config asks for 64"),
     (["data.shapes_train_size=100"], "the data (data.source / data.path)"),
     (["codec.vae_chroma_weight=5"], "codec.vae_chroma_weight"),
+    (["codec.vae_lr=1e-3"], "codec.vae_lr: the VAE has 0.002, the config asks for 0.001"),
     (["train.seed=3"], "train.seed"),
 ])
 def test_a_vae_for_other_data_or_settings_is_refused_before_work(run_with_vae, extra, named):
@@ -60,3 +61,15 @@ def test_codec_path_must_be_the_vae_the_run_dir_copied(run_with_vae, tmp_path):
     (other / "codec.json").write_text(json.dumps({**meta, "scaling_factor": 2.0}))
     with pytest.raises(ValueError, match="holds another VAE than codec.path"):
         run_codec.prepare_codec(_cfg(run_with_vae, f"codec.path={other}"), run_with_vae)
+
+
+def test_codec_vae_lr_reaches_the_vae_training(tmp_path):
+    seen = {}
+
+    def fake_train(images, out, **kwargs):
+        seen.update(kwargs)
+        return out
+
+    with mock.patch("transfusion_mot.data.vae_train.train_vae", side_effect=fake_train):
+        run_codec.train_codec_for(_cfg(tmp_path, "codec.vae_lr=1e-3"), out=tmp_path / "vae")
+    assert seen["lr"] == 1e-3

@@ -129,6 +129,7 @@ class CodecConfig:
     vae_channels: tuple = (32, 64, 64)
     vae_latent_noise: float = 0.0  # decoder trains on z + this * std(z) * noise: spreads the latent code out
     vae_chroma_weight: float = 0.0  # pixel loss weight 1 + this * chroma: saturated objects vs grey background
+    vae_lr: float = 2e-3  # peak of the small VAE's one-cycle schedule
     # kind=vq without a path: our small VQModel (data/vq_train.py), chosen on eval/results/vq_tokenizer.md
     vq_steps: int = 600  # training budget of the small VQModel
     vq_codebook_size: int = 1024

@@ -140,6 +140,8 @@ def validate(cfg: Config) -> Config:
                        ("codec.vae_chroma_weight", cfg.codec.vae_chroma_weight)):
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
+    if cfg.codec.vae_lr <= 0:
+        raise ConfigError(f"codec.vae_lr={cfg.codec.vae_lr} must be > 0")
     if f.shift <= 0 or f.logit_std <= 0:
         raise ConfigError(f"flow.shift={f.shift} and flow.logit_std={f.logit_std} must be > 0")
     if not 0 < f.caption_t_max <= 1:

@@ -13,10 +13,13 @@ from pathlib import Path
 import torch
 
 from .. import rng
-from ..config import Config
+from ..config import CodecConfig, Config
 from .records import _is_shards, _records_name, build_records
 from .sources import SkipStats, source_spec
 from .transform import ImageTransform, bucket_sizes, check_bucket_patches
+
+
+VAE_LR = CodecConfig.vae_lr  # the default, which every VAE trained before codec.vae_lr existed used
 
 
 def _cache_root(cfg: Config) -> Path:
@@ -34,6 +37,8 @@ def vae_key(cfg: Config, records) -> str:
         parts.append(c.vae_latent_noise)
     if c.vae_chroma_weight:
         parts.append({"chroma_weight": c.vae_chroma_weight})
+    if c.vae_lr != VAE_LR:
+        parts.append({"lr": c.vae_lr})
     parts.append({"images": "rng"})  # records drawn from their own stream (rng.py), not by a fixed stride
     spec = json.dumps(parts)
     return "vae-" + hashlib.sha1(spec.encode()).hexdigest()[:12]
@@ -113,7 +118,7 @@ def train_codec_for(cfg: Config, out: Path | None = None, records=None) -> Path:
     c = cfg.codec
     kwargs = dict(resolution=cfg.data.resolution, steps=c.vae_steps, channels=tuple(c.vae_channels),
                   latent_channels=c.vae_latent_channels, seed=cfg.train.seed, name=_records_name(records),
-                  latent_noise=c.vae_latent_noise, chroma_weight=c.vae_chroma_weight)
+                  latent_noise=c.vae_latent_noise, chroma_weight=c.vae_chroma_weight, lr=c.vae_lr)
     if getattr(records, "latents", False):
         raise ValueError(f"data.source=latents: the shards in {cfg.data.path} are already encoded; set codec.* to "
                          "the codec that encoded them (as encode.json names it) instead of training a VAE")
@@ -146,8 +151,9 @@ def check_codec(codec, cfg: Config) -> None:
 _RUN_CODEC_FIELDS = {"name": "the data (data.source / data.path)", "resolution": "data.resolution",
                      "steps": "codec.vae_steps", "channels": "codec.vae_channels",
                      "latent_channels": "codec.vae_latent_channels", "seed": "train.seed",
-                     "latent_noise": "codec.vae_latent_noise", "chroma_weight": "codec.vae_chroma_weight"}
-_RUN_CODEC_DEFAULTS = {"latent_noise": 0.0, "chroma_weight": 0.0}
+                     "latent_noise": "codec.vae_latent_noise", "chroma_weight": "codec.vae_chroma_weight",
+                     "lr": "codec.vae_lr"}
+_RUN_CODEC_DEFAULTS = {"latent_noise": 0.0, "chroma_weight": 0.0, "lr": VAE_LR}
 
 
 def check_run_codec(local: Path, cfg: Config, records) -> None:
@@ -166,7 +172,7 @@ def check_run_codec(local: Path, cfg: Config, records) -> None:
     c = cfg.codec
     want = {"name": _records_name(records), "resolution": cfg.data.resolution, "steps": c.vae_steps,
             "channels": list(c.vae_channels), "latent_channels": c.vae_latent_channels, "seed": cfg.train.seed,
-            "latent_noise": c.vae_latent_noise, "chroma_weight": c.vae_chroma_weight}
+            "latent_noise": c.vae_latent_noise, "chroma_weight": c.vae_chroma_weight, "lr": c.vae_lr}
     differ = [f"{_RUN_CODEC_FIELDS[k]}: the VAE has {have.get(k, _RUN_CODEC_DEFAULTS.get(k))!r}, the config asks "
               f"for {v!r}" for k, v in want.items() if have.get(k, _RUN_CODEC_DEFAULTS.get(k)) != v]
     if differ:
