@@ -115,10 +115,7 @@ def train_codec_for(cfg: Config, out: Path | None = None, records=None) -> Path:
     from .vae_train import get_or_train_vae, train_vae
 
     records = build_records(cfg.data, "train") if records is None else records
-    c = cfg.codec
-    kwargs = dict(resolution=cfg.data.resolution, steps=c.vae_steps, channels=tuple(c.vae_channels),
-                  latent_channels=c.vae_latent_channels, seed=cfg.train.seed, name=_records_name(records),
-                  latent_noise=c.vae_latent_noise, chroma_weight=c.vae_chroma_weight, lr=c.vae_lr)
+    kwargs = vae_settings(cfg, records)
     if getattr(records, "latents", False):
         raise ValueError(f"data.source=latents: the shards in {cfg.data.path} are already encoded; set codec.* to "
                          "the codec that encoded them (as encode.json names it) instead of training a VAE")
@@ -146,8 +143,17 @@ def check_codec(codec, cfg: Config) -> None:
             f"model.latent_size={cfg.model.latent_size}")
 
 
-# The fields of codec.json (vae_train's record of a trained VAE) that key it, as ``vae_key`` keys the cache,
-# with the config key each comes from; VAEs written before an option existed were trained without it.
+def vae_settings(cfg: Config, records) -> dict:
+    """What the small VAE for ``cfg`` is trained with (``train_vae``'s arguments), which its codec.json
+    records and a run dir's VAE must match (``check_run_codec``)."""
+    c = cfg.codec
+    return {"name": _records_name(records), "resolution": cfg.data.resolution, "steps": c.vae_steps,
+            "channels": tuple(c.vae_channels), "latent_channels": c.vae_latent_channels, "seed": cfg.train.seed,
+            "latent_noise": c.vae_latent_noise, "chroma_weight": c.vae_chroma_weight, "lr": c.vae_lr}
+
+
+# The fields of codec.json (vae_settings, as vae_train records them) with the config key each comes from;
+# VAEs written before an option existed were trained without it.
 _RUN_CODEC_FIELDS = {"name": "the data (data.source / data.path)", "resolution": "data.resolution",
                      "steps": "codec.vae_steps", "channels": "codec.vae_channels",
                      "latent_channels": "codec.vae_latent_channels", "seed": "train.seed",
@@ -169,10 +175,7 @@ def check_run_codec(local: Path, cfg: Config, records) -> None:
             raise ValueError(f"{local} holds another VAE than codec.path={cfg.codec.path} (their {CODEC_JSON} "
                              f"differ); a run dir keeps the codec it was started with: use a new train.out_dir")
         return
-    c = cfg.codec
-    want = {"name": _records_name(records), "resolution": cfg.data.resolution, "steps": c.vae_steps,
-            "channels": list(c.vae_channels), "latent_channels": c.vae_latent_channels, "seed": cfg.train.seed,
-            "latent_noise": c.vae_latent_noise, "chroma_weight": c.vae_chroma_weight, "lr": c.vae_lr}
+    want = {**vae_settings(cfg, records), "channels": list(cfg.codec.vae_channels)}  # codec.json holds a list
     differ = [f"{_RUN_CODEC_FIELDS[k]}: the VAE has {have.get(k, _RUN_CODEC_DEFAULTS.get(k))!r}, the config asks "
               f"for {v!r}" for k, v in want.items() if have.get(k, _RUN_CODEC_DEFAULTS.get(k)) != v]
     if differ:
